@@ -1,0 +1,228 @@
+"""Builds small Qwen3 checkpoints offline, for tests, the demo and the benchmark.
+
+Weights are *designed*, not trained: every layer's `o_proj` and `down_proj` are zero, so the
+residual stream carries the current token's one-hot embedding to the head unchanged, and the
+head maps each token to the token we want next. The model therefore follows a fixed chain of
+tokens, whatever it is sampled with. Checkpoints are saved with `save_pretrained` and loaded back
+through the same `from_pretrained` path users take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+THINK_TOKENS = ["<think>", "</think>"]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- elif message.content -%}{%- for part in message.content -%}"
+    "{%- if part.type == 'text' -%}{{- part.text -}}"
+    "{%- elif part.type == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part.type == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if THINKING -%}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}{%- endif -%}"
+)
+
+# Replies of the designed checkpoints, as tokens. "\n" ends every generation prompt, so it starts
+# each chain; "\n\n" (one token) follows "</think>" and also ends the enable_thinking=false prompt.
+THINKING_REPLY = ["Let", " me", " think", " briefly", "</think>", "\n\n",
+                  "Hello", "!", " I", " am", " a", " demo", " model", "."]
+TEXT_REPLY = ["Hello", " from", " a", " text", " model", "."]
+ENDLESS_CYCLE = [" tick", " tock"]
+WORDS = sorted({w for w in THINKING_REPLY + TEXT_REPLY + ENDLESS_CYCLE + [" tack"]
+                if w not in THINK_TOKENS} | {"\n\n"})
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-printable-character map, used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _byte_level(text: str) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def build_tokenizer(words: list[str] = WORDS, thinking: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = _byte_level(word)
+        for end in range(2, len(symbols) + 1):
+            if symbols[:end] not in vocab:
+                vocab[symbols[:end]] = len(vocab)
+                merges.append((symbols[:end - 1], symbols[end - 1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens(THINK_TOKENS)
+    template = CHAT_TEMPLATE.replace("THINKING", "true" if thinking else "false")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=template)
+
+
+def token_id(tokenizer, text: str) -> int:
+    ids = tokenizer.convert_tokens_to_ids(text if text in SPECIAL_TOKENS + THINK_TOKENS else _byte_level(text))
+    if ids is None or ids == tokenizer.unk_token_id:
+        raise KeyError(text)
+    return ids
+
+
+def chain_from(tokenizer, words: list[str], end: str | None = "<|im_end|>") -> dict[int, int]:
+    """Successor map: "\n" -> words[0] -> ... -> end (or back to words[0] when end is None)."""
+    ids = [token_id(tokenizer, "\n")] + [token_id(tokenizer, w) for w in words]
+    ids.append(token_id(tokenizer, end) if end else ids[1])
+    return dict(zip(ids[:-1], ids[1:]))
+
+
+def _vocab_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def _text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                 intermediate: int, context: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, max_position_embeddings=context, rms_norm_eps=1e-6,
+                tie_word_embeddings=False)
+
+
+def design_weights(model, successors: dict[int, int], margin: float = 100.0,
+                   alternatives: dict[int, tuple[int, float]] | None = None) -> None:
+    """Make the model follow `successors`; optional weaker `alternatives` (token -> (other, logit))."""
+    text = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    hidden = text.config.hidden_size
+    vocab = text.config.vocab_size
+    if hidden < vocab:
+        raise ValueError("designed weights need hidden_size >= vocab_size")
+    with torch.no_grad():
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.embed_tokens.weight.zero_()
+        text.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        # RMSNorm of a one-hot vector is sqrt(hidden) times it; scale back so logits equal the head's entries.
+        text.norm.weight.fill_(1.0 / hidden ** 0.5)
+        head = model.lm_head.weight
+        head.zero_()
+        for src, dst in successors.items():
+            head[dst, src] = margin
+        for src, (dst, logit) in (alternatives or {}).items():
+            head[dst, src] = logit
+
+
+def build_vl_checkpoint(path: str | Path, reply: list[str] | None = THINKING_REPLY, *,
+                        endless: bool = False, hidden: int | None = None, layers: int = 2,
+                        context: int = 32768, intermediate: int = 64, seed: int = 0) -> Path:
+    """A Qwen3-VL checkpoint (thinking template) with processor; designed reply or endless cycle."""
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    tokenizer = build_tokenizer(thinking=True)
+    vocab = _vocab_size(tokenizer)
+    hidden = hidden or ((vocab + 63) // 64) * 64
+    head_dim = 32
+    text_cfg = _text_config(vocab, hidden, layers, 4, 2, head_dim, intermediate, context)
+    text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                   "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text_cfg, vision_config=vision_cfg,
+                           image_token_id=token_id(tokenizer, "<|image_pad|>"),
+                           video_token_id=token_id(tokenizer, "<|video_pad|>"),
+                           vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+                           vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
+                           tie_word_embeddings=False)
+    config.text_config.eos_token_id = token_id(tokenizer, "<|im_end|>")
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _design(model, tokenizer, reply, endless)
+    model.generation_config.eos_token_id = [token_id(tokenizer, "<|im_end|>")]
+    model.generation_config.pad_token_id = token_id(tokenizer, "<|endoftext|>")
+    model.save_pretrained(path)
+    pixels = dict(shortest_edge=32 * 32, longest_edge=256 * 256)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels),
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              size=dict(shortest_edge=32 * 32, longest_edge=64 * 64 * 16)),
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_text_checkpoint(path: str | Path, reply: list[str] | None = TEXT_REPLY, *, random: bool = False,
+                          endless: bool = False, context: int = 32768, seed: int = 0) -> Path:
+    """A Qwen3 text-only checkpoint (instruct template, no thinking); designed or random weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    tokenizer = build_tokenizer(thinking=False)
+    vocab = _vocab_size(tokenizer)
+    hidden = ((vocab + 63) // 64) * 64
+    config = Qwen3Config(**_text_config(vocab, hidden, 2, 4, 2, 32, 64, context),
+                         eos_token_id=token_id(tokenizer, "<|im_end|>"),
+                         pad_token_id=token_id(tokenizer, "<|endoftext|>"))
+    model = Qwen3ForCausalLM(config).eval()
+    if not random:
+        _design(model, tokenizer, reply, endless)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _design(model, tokenizer, reply, endless) -> None:
+    if endless:
+        successors = chain_from(tokenizer, ENDLESS_CYCLE, end=None)
+        tick, tock, tack = (token_id(tokenizer, w) for w in (" tick", " tock", " tack"))
+        successors[tack] = tick
+        # A weaker alternative lets penalty tests see the sampler change the chain.
+        design_weights(model, successors, margin=50.0, alternatives={tick: (tack, 46.0)})
+    else:
+        design_weights(model, chain_from(tokenizer, reply))
+
+
+def describe(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def main(argv: list[str]) -> None:
+    """`python -m qwenserve.checkpoints demo|endless|text DIR`: build a checkpoint into DIR."""
+    kind, out = argv[0], argv[1]
+    builders = {"demo": lambda: build_vl_checkpoint(out), "endless": lambda: build_vl_checkpoint(out, endless=True),
+                "text": lambda: build_text_checkpoint(out)}
+    print(f"built {kind} checkpoint in {builders[kind]()}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+"""Settings from the environment and `.env`; names follow the original design."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+
+    model_repo_id: str = "Qwen/Qwen3-VL-2B-Thinking"
+    hf_token: str | None = None
+    device_map: str = "auto"
+    torch_dtype: str = "auto"
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+    load_model_on_startup: bool = True
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    max_stop_sequences: int = Field(4, ge=0)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+    api_key: str | None = None
+
+    persist_sessions: bool = False
+    sessions_db_path: str = "sessions.db"
+    sessions_ttl_seconds: float = Field(600, ge=0)
+    sessions_buffer_events: int = Field(4096, ge=8)
+    cancel_after_disconnect_seconds: float = Field(3600, ge=0)
+    sse_ping_seconds: float = Field(15, gt=0)
+
+    max_concurrent_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=0)
+
+    max_video_frames: int = Field(16, ge=1)
+    max_images_per_request: int = Field(8, ge=0)
+    max_videos_per_request: int = Field(2, ge=0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_media_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_video_seconds: float = Field(600, gt=0)
+    media_fetch_timeout_seconds: float = Field(10, gt=0)
+    media_max_redirects: int = Field(3, ge=0)
+    media_allow_private_networks: bool = False
+    allowed_media_domains: str = ""
+    allowed_local_media_path: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model_repo_id
+
+    @property
+    def allowed_media_domain_list(self) -> list[str]:
+        return [d.strip().lower() for d in self.allowed_media_domains.split(",") if d.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,74 @@
+"""Per-request sampling over one row of logits: penalties, temperature, top-k, top-p, seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RowSampler:
+    """Sampling state of one request: its generator and the counts of tokens it produced."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]):
+        self.params = params
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.prompt_mask = None
+        if params.repetition_penalty != 1.0:
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
+            self.prompt_mask[torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long)] = True
+
+    def observe(self, token_id: int) -> None:
+        if token_id < self.counts.shape[0]:
+            self.counts[token_id] += 1
+
+    def sample(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = logits.float()[: self.counts.shape[0]]
+        logits = self._penalize(logits)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k and p.top_k > 0 and p.top_k < logits.shape[0]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop = cumulative - sorted_probs > p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            seen = self.prompt_mask | (self.counts > 0)
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        if p.frequency_penalty:
+            logits = logits - p.frequency_penalty * self.counts
+        if p.presence_penalty:
+            logits = logits - p.presence_penalty * (self.counts > 0).float()
+        return logits

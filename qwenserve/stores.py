@@ -1,0 +1,200 @@
+"""Where session events live: one interface, a memory ring buffer and a SQLite store.
+
+A store's `append` returns only once the events are durable (for SQLite: committed), and
+readers are told about new events only after that, so a client never sees an event a crash
+could lose. Another backend (Redis) implements `EventStore` and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+RUNNING, FINISHED, CANCELLED, FAILED = "running", "finished", "cancelled", "failed"
+TERMINAL = (FINISHED, CANCELLED, FAILED)
+
+
+@dataclass
+class StoredEvent:
+    index: int
+    data: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    request_hash: str
+    request_json: str
+    created: int
+    state: str = RUNNING
+    event_count: int = 0
+    finished_at: float | None = None
+
+
+class EventsGone(Exception):
+    """The events asked for were evicted; `oldest` is the first index still kept."""
+
+    def __init__(self, oldest: int):
+        super().__init__(oldest)
+        self.oldest = oldest
+
+
+class EventStore(ABC):
+    durable = False
+
+    @abstractmethod
+    def create(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    def get(self, session_id: str) -> SessionRecord | None: ...
+
+    @abstractmethod
+    def append(self, session_id: str, events: list[StoredEvent]) -> None: ...
+
+    @abstractmethod
+    def read(self, session_id: str, after: int) -> list[StoredEvent]: ...
+
+    @abstractmethod
+    def token_ids(self, session_id: str) -> list[int]: ...
+
+    @abstractmethod
+    def set_state(self, session_id: str, state: str) -> None: ...
+
+    @abstractmethod
+    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]: ...
+
+    @abstractmethod
+    def unfinished(self) -> list[SessionRecord]: ...
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStore(EventStore):
+    """A ring buffer of the last `buffer_events` events per session."""
+
+    def __init__(self, buffer_events: int):
+        self.buffer_events = buffer_events
+        self._records: dict[str, SessionRecord] = {}
+        self._events: dict[str, deque[StoredEvent]] = {}
+        self._ids: dict[str, list[int]] = {}
+
+    def create(self, record: SessionRecord) -> None:
+        self._records[record.session_id] = replace(record)
+        self._events[record.session_id] = deque(maxlen=self.buffer_events)
+        self._ids[record.session_id] = []
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        record = self._records.get(session_id)
+        return replace(record) if record else None
+
+    def append(self, session_id: str, events: list[StoredEvent]) -> None:
+        self._events[session_id].extend(events)
+        self._records[session_id].event_count += len(events)
+        for event in events:
+            self._ids[session_id].extend(event.token_ids)
+
+    def read(self, session_id: str, after: int) -> list[StoredEvent]:
+        buffer = self._events.get(session_id)
+        if not buffer:
+            return []
+        oldest = buffer[0].index
+        if after + 1 < oldest:
+            raise EventsGone(oldest)
+        return list(buffer)[max(after + 1 - oldest, 0):]
+
+    def token_ids(self, session_id: str) -> list[int]:
+        return list(self._ids.get(session_id, []))
+
+    def set_state(self, session_id: str, state: str) -> None:
+        record = self._records[session_id]
+        record.state = state
+        record.finished_at = time.time() if state in TERMINAL else None
+
+    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        gone = [sid for sid, r in self._records.items() if r.finished_at and r.finished_at + ttl_seconds <= now]
+        for sid in gone:
+            del self._records[sid], self._events[sid], self._ids[sid]
+        return gone
+
+    def unfinished(self) -> list[SessionRecord]:
+        return []  # nothing survives a restart in memory
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY, request_hash TEXT NOT NULL, request_json TEXT NOT NULL,
+    created INTEGER NOT NULL, state TEXT NOT NULL, event_count INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL);
+CREATE TABLE IF NOT EXISTS events (
+    session_id TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL, token_ids TEXT NOT NULL,
+    PRIMARY KEY (session_id, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_finished ON sessions (finished_at);
+"""
+
+
+class SQLiteStore(EventStore):
+    """One connection, used only from the event loop thread: the single writer."""
+
+    durable = True
+
+    def __init__(self, path: str):
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process crash
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.executescript(SCHEMA)
+
+    def create(self, record: SessionRecord) -> None:
+        self.conn.execute("INSERT INTO sessions VALUES (?,?,?,?,?,?,?)",
+                          (record.session_id, record.request_hash, record.request_json, record.created,
+                           record.state, record.event_count, record.finished_at))
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        row = self.conn.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        return SessionRecord(*row) if row else None
+
+    def append(self, session_id: str, events: list[StoredEvent]) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("INSERT INTO events VALUES (?,?,?,?)",
+                                  [(session_id, e.index, e.data, json.dumps(e.token_ids)) for e in events])
+            self.conn.execute("UPDATE sessions SET event_count=event_count+? WHERE session_id=?",
+                              (len(events), session_id))
+
+    def read(self, session_id: str, after: int) -> list[StoredEvent]:
+        rows = self.conn.execute("SELECT idx, data, token_ids FROM events WHERE session_id=? AND idx>? ORDER BY idx",
+                                 (session_id, after)).fetchall()
+        return [StoredEvent(i, d, json.loads(t)) for i, d, t in rows]
+
+    def token_ids(self, session_id: str) -> list[int]:
+        rows = self.conn.execute("SELECT token_ids FROM events WHERE session_id=? ORDER BY idx", (session_id,))
+        return [t for (ids,) in rows for t in json.loads(ids)]
+
+    def set_state(self, session_id: str, state: str) -> None:
+        finished_at = time.time() if state in TERMINAL else None
+        self.conn.execute("UPDATE sessions SET state=?, finished_at=? WHERE session_id=?",
+                          (state, finished_at, session_id))
+
+    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]:
+        cutoff = (time.time() if now is None else now) - ttl_seconds
+        gone = [sid for (sid,) in self.conn.execute(
+            "SELECT session_id FROM sessions WHERE finished_at IS NOT NULL AND finished_at<=?", (cutoff,))]
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("DELETE FROM events WHERE session_id=?", [(s,) for s in gone])
+            self.conn.executemany("DELETE FROM sessions WHERE session_id=?", [(s,) for s in gone])
+        return gone
+
+    def unfinished(self) -> list[SessionRecord]:
+        rows = self.conn.execute("SELECT * FROM sessions WHERE state=?", (RUNNING,)).fetchall()
+        return [SessionRecord(*row) for row in rows]
+
+    def close(self) -> None:
+        self.conn.close()
