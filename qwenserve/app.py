@@ -85,12 +85,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: APIError):
         return error_response(exc)
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, _: BodyTooLarge):
-        limit = request.app.state.services.settings.max_request_bytes
-        return error_response(APIError(413, f"request body is larger than {limit} bytes (MAX_REQUEST_BYTES)",
-                                       code="request_too_large"))
-
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
         return error_response(validation_to_api_error(exc.errors()))
@@ -108,7 +102,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def validation_to_api_error(errors) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [p for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [p for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ""
     for part in loc:
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
@@ -117,47 +111,62 @@ def validation_to_api_error(errors) -> APIError:
                     code="invalid_value")
 
 
+def _is_union_tag(part) -> bool:
+    """Pydantic names the union member it tried ('str', 'list[any]'); that is no field name."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part)
+
+
 def _install_guards(app: FastAPI, settings: Settings) -> None:
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {settings.api_key}":
-                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                               "authentication_error", code="invalid_api_key"))
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(Guards, api_key=settings.api_key, body_limit=settings.max_request_bytes)
 
 
-class BodyLimit:
-    """413 for bodies over the limit, counted as they arrive (Content-Length is not trusted)."""
+class Guards:
+    """API key on /v1/*, and a 413 for bodies over the limit, counted as they arrive
+    (Content-Length is not trusted). Plain ASGI, so errors never get wrapped."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, api_key: str | None, body_limit: int):
         self.app = app
-        self.limit = limit
+        self.api_key = api_key
+        self.body_limit = body_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            too_large = APIError(413, f"request body is larger than {self.limit} bytes (MAX_REQUEST_BYTES)",
-                                 code="request_too_large")
+        headers = dict(scope.get("headers", []))
+        if self.api_key and scope["path"].startswith("/v1"):
+            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+                error = APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                 "authentication_error", code="invalid_api_key")
+                return await error_response(error)(scope, receive, send)
+        too_large = APIError(413, f"request body is larger than {self.body_limit} bytes (MAX_REQUEST_BYTES)",
+                             code="request_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.body_limit:
             return await error_response(too_large)(scope, receive, send)
         seen = 0
+        started = False
 
-        async def counted():
+        async def counted_receive():
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > self.body_limit:
                     raise BodyTooLarge()
             return message
 
-        await self.app(scope, counted, send)
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await error_response(too_large)(scope, receive, send)
 
 
 class BodyTooLarge(Exception):
-    """Raised from `receive`; turned into a 413 by the app's exception handler."""
+    pass

@@ -205,7 +205,7 @@ def _design(model, tokenizer, reply, endless) -> None:
         tick, tock, tack = (token_id(tokenizer, w) for w in (" tick", " tock", " tack"))
         successors[tack] = tick
         # A weaker alternative lets penalty tests see the sampler change the chain.
-        design_weights(model, successors, margin=50.0, alternatives={tick: (tack, 46.0)})
+        design_weights(model, successors, margin=50.0, alternatives={tick: (tack, 49.0)})
     else:
         design_weights(model, chain_from(tokenizer, reply))
 

@@ -1,0 +1,159 @@
+"""Test helpers: a live server process on a free port, and an SSE reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python main.py` in a subprocess, configured only through its environment."""
+
+    def __init__(self, model_dir: str | Path, log_dir: Path, wait_ready: bool = True, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_REPO_ID": str(model_dir), "HOST": "127.0.0.1",
+                    "PORT": str(self.port), "DEVICE_MAP": "cpu", **{k: str(v) for k, v in env.items()}}
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.start(wait_ready)
+
+    def start(self, wait_ready: bool = True) -> "LiveServer":
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.wait(lambda h: h["modelReady"] if wait_ready else True)
+        return self
+
+    def wait(self, condition, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                health = httpx.get(self.url + "/health", timeout=2).json()
+                if condition(health):
+                    return health
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as in a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def chat_body(content: str = "hi", **extra) -> dict:
+    return {"model": "any", "messages": [{"role": "user", "content": content}], **extra}
+
+
+class SSE:
+    """A parsed event stream: (id, data) pairs in order, plus comment lines."""
+
+    def __init__(self):
+        self.events: list[tuple[str | None, str]] = []
+        self.comments: list[str] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, _ in self.events]
+
+    @property
+    def indices(self) -> list[int]:
+        return [int(i.rsplit(":", 1)[1]) for i in self.ids]
+
+    def chunks(self) -> list[dict]:
+        return [json.loads(d) for _, d in self.events if d != "[DONE]"]
+
+    def text(self, field: str = "content") -> str:
+        return "".join(c["choices"][0]["delta"].get(field) or "" for c in self.chunks() if c.get("choices"))
+
+
+def read_sse(response: httpx.Response, max_events: int | None = None) -> SSE:
+    """Reads until [DONE] (or max_events data events, then stops reading)."""
+    sse = SSE()
+    event_id, data = None, []
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            sse.comments.append(line)
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            sse.events.append((event_id, "\n".join(data)))
+            event_id, data = None, []
+            if sse.events[-1][1] == "[DONE]" or (max_events and len(sse.events) >= max_events):
+                break
+    return sse
+
+
+def stream(url: str, body: dict, headers: dict | None = None, params: dict | None = None,
+           max_events: int | None = None, timeout: float = 60) -> tuple[httpx.Response, SSE]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers or {}, params=params,
+                      timeout=timeout) as response:
+        if response.status_code != 200:
+            response.read()
+            return response, SSE()
+        return response, read_sse(response, max_events)
+
+
+class InProcessServer:
+    """uvicorn serving an app object in a thread, for tests that reach into the engine."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json()["modelReady"]:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("in-process server not ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
