@@ -48,8 +48,7 @@ class Services:
 
     async def continue_session(self, request: ChatCompletionRequest, record: SessionRecord, resume_ids: list[int]):
         """Restart a persisted session's generation after a restart, from the tokens it had produced."""
-        while not self.engine.ready.is_set():
-            self.engine.require_ready()  # raises once loading has failed
+        while not self.engine.ready.is_set() and not self.engine.error:
             await asyncio.sleep(0.1)
         prompt, params = await self.prepare(request)
         generation = self.engine.submit(prompt, params, resume_ids)

@@ -76,5 +76,11 @@ def text_server(request, log_dir, text_ckpt):
 
 @pytest.fixture(scope="session")
 def endless_server(request, log_dir, endless_ckpt):
-    return _session_server(request, log_dir, endless_ckpt, CANCEL_AFTER_DISCONNECT_SECONDS=1.5,
-                           SESSIONS_BUFFER_EVENTS=64)
+    return _session_server(request, log_dir, endless_ckpt, CANCEL_AFTER_DISCONNECT_SECONDS=1.5)
+
+
+@pytest.fixture(scope="session")
+def tight_server(request, log_dir, endless_ckpt):
+    """Small limits: one batch slot, a 64-event ring buffer, fast pings."""
+    return _session_server(request, log_dir, endless_ckpt, MAX_CONCURRENT_REQUESTS=1, SESSIONS_BUFFER_EVENTS=64,
+                           SSE_PING_SECONDS=0.2)

@@ -102,11 +102,12 @@ class SSE:
         return "".join(c["choices"][0]["delta"].get(field) or "" for c in self.chunks() if c.get("choices"))
 
 
-def read_sse(response: httpx.Response, max_events: int | None = None) -> SSE:
-    """Reads until [DONE] (or max_events data events, then stops reading)."""
+def read_sse(source, max_events: int | None = None) -> SSE:
+    """Reads a response (or an iterator of its lines, to read on later) until [DONE] or max_events."""
     sse = SSE()
     event_id, data = None, []
-    for line in response.iter_lines():
+    lines = source.iter_lines() if isinstance(source, httpx.Response) else source
+    for line in lines:
         if line.startswith(":"):
             sse.comments.append(line)
         elif line.startswith("id:"):
