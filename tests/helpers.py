@@ -36,8 +36,9 @@ class LiveServer:
 
     def start(self, wait_ready: bool = True) -> "LiveServer":
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        # Run outside the checkout so that a developer's .env never leaks into a test server.
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=self.log_path.parent,
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait(lambda h: h["modelReady"] if wait_ready else True)
         return self
 
