@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     media_fetch_timeout_seconds: float = Field(10, gt=0)
     media_max_redirects: int = Field(3, ge=0)
     media_allow_private_networks: bool = False
+    media_allowed_networks: str = ""
     allowed_media_domains: str = ""
     allowed_local_media_path: str | None = None
 

@@ -240,7 +240,8 @@ class Engine:
             if videos:
                 kwargs["videos"] = videos
                 kwargs["video_metadata"] = video_metadata
-                kwargs["do_sample_frames"] = False
+                kwargs["do_sample_frames"] = False  # frames were sampled by media.decode_video
+                kwargs["cap_pixels_per_frame"] = True
             encoded = self.processor(text=[text], return_tensors="pt", **kwargs)
             ids = encoded.pop("input_ids")[0].tolist()
             encoded.pop("attention_mask", None)
