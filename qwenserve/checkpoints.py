@@ -138,9 +138,10 @@ def design_weights(model, successors: dict[int, int], margin: float = 100.0,
 
 
 def build_vl_checkpoint(path: str | Path, reply: list[str] | None = THINKING_REPLY, *,
-                        endless: bool = False, hidden: int | None = None, layers: int = 2,
-                        context: int = 32768, intermediate: int = 64, seed: int = 0) -> Path:
-    """A Qwen3-VL checkpoint (thinking template) with processor; designed reply or endless cycle."""
+                        endless: bool = False, random: bool = False, hidden: int | None = None, layers: int = 2,
+                        heads: int = 4, kv_heads: int = 2, head_dim: int = 32, context: int = 32768,
+                        intermediate: int = 64, seed: int = 0) -> Path:
+    """A Qwen3-VL checkpoint (thinking template) with processor; designed reply, endless cycle or random."""
     from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
@@ -149,10 +150,11 @@ def build_vl_checkpoint(path: str | Path, reply: list[str] | None = THINKING_REP
     tokenizer = build_tokenizer(thinking=True)
     vocab = _vocab_size(tokenizer)
     hidden = hidden or ((vocab + 63) // 64) * 64
-    head_dim = 32
-    text_cfg = _text_config(vocab, hidden, layers, 4, 2, head_dim, intermediate, context)
+    text_cfg = _text_config(vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, context)
+    half = head_dim // 2
     text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
-                                   "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+                                   "mrope_section": [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16],
+                                   "mrope_interleaved": True}
     vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       num_position_embeddings=64, deepstack_visual_indexes=[0])
@@ -164,7 +166,8 @@ def build_vl_checkpoint(path: str | Path, reply: list[str] | None = THINKING_REP
                            tie_word_embeddings=False)
     config.text_config.eos_token_id = token_id(tokenizer, "<|im_end|>")
     model = Qwen3VLForConditionalGeneration(config).eval()
-    _design(model, tokenizer, reply, endless)
+    if not random:
+        _design(model, tokenizer, reply, endless)
     model.generation_config.eos_token_id = [token_id(tokenizer, "<|im_end|>")]
     model.generation_config.pad_token_id = token_id(tokenizer, "<|endoftext|>")
     model.save_pretrained(path)

@@ -84,3 +84,8 @@ def tight_server(request, log_dir, endless_ckpt):
     """Small limits: one batch slot, a 64-event ring buffer, fast pings."""
     return _session_server(request, log_dir, endless_ckpt, MAX_CONCURRENT_REQUESTS=1, SESSIONS_BUFFER_EVENTS=64,
                            SSE_PING_SECONDS=0.2)
+
+
+@pytest.fixture(scope="session")
+def random_vl_ckpt(ckpt_dir):
+    return checkpoints.build_vl_checkpoint(ckpt_dir / "vl-random", random=True)
