@@ -106,18 +106,18 @@ class Batch:
         self.cache = None
         self.mask: torch.Tensor | None = None
 
-    def add(self, row: Row, cache, length: int, device) -> None:
-        new_mask = torch.ones(1, length, dtype=torch.long, device=device)
+    def add(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
+        """Merge newly prefilled rows (their cache and left-padded mask) into the batch."""
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, new_mask
+            self.rows, self.cache, self.mask = list(rows), cache, mask
             return
-        width = max(self.mask.shape[1], length)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(new_mask, width)], dim=0)
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)], dim=0)
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width, dim=2), _pad_left(theirs.keys, width, dim=2)])
             mine.values = torch.cat([_pad_left(mine.values, width, dim=2),
                                      _pad_left(theirs.values, width, dim=2)])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     def drop_done(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if not row.done]
@@ -287,44 +287,70 @@ class Engine:
                 batch = Batch()
 
     def _admit(self, batch: Batch) -> None:
-        free = self.settings.max_concurrent_requests - len(batch.rows)
-        while free > 0:
+        jobs = []
+        while len(batch.rows) + len(jobs) < self.settings.max_concurrent_requests:
             try:
-                job = self._jobs.get(timeout=0.2) if not batch.rows else self._jobs.get_nowait()
+                wait = not batch.rows and not jobs
+                jobs.append(self._jobs.get(timeout=0.2) if wait else self._jobs.get_nowait())
             except queue.Empty:
                 break
+        live = [job for job in jobs if not self._skip_cancelled(job)]
+        # Text-only requests that arrive together prefill together; media ones alone (their vision
+        # encoder and multimodal positions are per request).
+        groups = [[job] for job in live if job.prompt.has_media]
+        plain = [job for job in live if not job.prompt.has_media]
+        if plain:
+            groups.append(plain)
+        for group in groups:
             try:
-                row, cache, length = self._prefill(job)
+                rows, cache, mask = self._prefill(group)
             except Exception as exc:
                 log.exception("prefill failed")
-                self._fail(job, exc)
+                for job in group:
+                    self._fail(job, exc)
                 continue
-            if row is not None:
-                batch.add(row, cache, length, self.device)
-                free -= 1
+            if rows:
+                batch.add(rows, cache, mask)
         self.waiting_count = self._jobs.qsize()
         self.running_count = len(batch.rows)
 
-    @torch.inference_mode()
-    def _prefill(self, job: Generation):
+    def _skip_cancelled(self, job: Generation) -> bool:
         if job.cancelled:
-            self._finish_job(job, "cancelled", 0, [])
-            return None, None, 0
-        prompt = job.prompt
-        ids = prompt.input_ids + job.resume_ids
-        input_ids = torch.tensor([ids], device=self.device)
-        positions, delta = self._prefill_positions(input_ids, prompt)
-        media = {k: v.to(self.device) for k, v in prompt.media_inputs.items() if k != "mm_token_type_ids"}
-        out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **media)
-        row = Row(job=job, sampler=RowSampler(job.params, self.vocab_size, prompt.input_ids),
-                  pipeline=TextPipeline(self.tokenizer, job.params.stop), last_token=ids[-1],
-                  next_position=len(ids), rope_delta=delta, generated=len(job.resume_ids))
-        self._replay(row)
-        self._accept(row, row.sampler.sample(out.logits[0, -1]))
-        if row.done:
-            return None, None, 0
-        return row, out.past_key_values, len(ids)
+            self._finish_job(job, "cancelled", len(job.resume_ids), [])
+        return job.cancelled
+
+    @torch.inference_mode()
+    def _prefill(self, jobs: list[Generation]):
+        """One forward pass over the jobs' prompts (left-padded); returns the rows still running."""
+        sequences = [job.prompt.input_ids + job.resume_ids for job in jobs]
+        width = max(len(seq) for seq in sequences)
+        input_ids = torch.tensor([[0] * (width - len(seq)) + seq for seq in sequences], device=self.device)
+        mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences], device=self.device)
+        if len(jobs) == 1 and jobs[0].prompt.has_media:
+            positions, delta = self._prefill_positions(input_ids, jobs[0].prompt)
+            media = {k: v.to(self.device) for k, v in jobs[0].prompt.media_inputs.items() if k != "mm_token_type_ids"}
+        else:
+            positions, delta, media = (mask.cumsum(-1) - 1).clamp(min=0), 0, {}
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **media)
+        rows = []
+        for i, (job, seq) in enumerate(zip(jobs, sequences)):
+            row = Row(job=job, sampler=RowSampler(job.params, self.vocab_size, job.prompt.input_ids),
+                      pipeline=TextPipeline(self.tokenizer, job.params.stop), last_token=seq[-1],
+                      next_position=len(seq), rope_delta=delta, generated=len(job.resume_ids))
+            self._replay(row)
+            self._accept(row, row.sampler.sample(out.logits[i, -1]))
+            rows.append(row)
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if not keep:
+            return [], None, None
+        cache = out.past_key_values
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            mask = mask.index_select(0, index)
+        return [rows[i] for i in keep], cache, mask
 
     def _prefill_positions(self, input_ids: torch.Tensor, prompt: Prompt):
         length = input_ids.shape[1]

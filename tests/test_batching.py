@@ -72,15 +72,19 @@ def test_batched_requests_match_their_solo_runs(server_factory, random_vl_ckpt):
     ]
     solo = [complete(server, body)["choices"][0]["message"] for body in bodies]
 
-    def delayed(args):
+    def delayed(args, step=0.05):
         i, body = args
-        time.sleep(0.05 * i)  # join a batch that is already decoding
+        time.sleep(step * i)  # join a batch that is already decoding
         return complete(server, body)["choices"][0]["message"]
 
     for _ in range(2):
         with ThreadPoolExecutor(len(bodies) * 2) as pool:
             together = list(pool.map(delayed, enumerate(bodies + bodies)))
         assert together == solo + solo
+    # All at once: prompts of different lengths prefill together, left-padded.
+    with ThreadPoolExecutor(len(bodies) * 2) as pool:
+        together = list(pool.map(lambda args: delayed(args, step=0), enumerate(bodies + bodies)))
+    assert together == solo + solo
 
 
 def test_cancel_inside_a_batch_leaves_neighbours_unchanged(endless_server):
