@@ -72,7 +72,10 @@ class Generation:
         return self.cancel_event.is_set()
 
     def emit(self, output: EngineOutput) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancel_event.set()
 
     def __aiter__(self):
         return self
@@ -283,7 +286,8 @@ class Engine:
             except Exception as exc:
                 log.exception("generation step failed")
                 for row in batch.rows:
-                    self._fail(row.job, exc)
+                    if not row.done:
+                        self._fail(row.job, exc)
                 batch = Batch()
 
     def _admit(self, batch: Batch) -> None:
