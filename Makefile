@@ -20,7 +20,7 @@ $(DEMO_CHECKPOINT)/config.json: $(STAMP) qwenserve/checkpoints.py
 	HF_HUB_OFFLINE=1 $(PY) -m qwenserve.checkpoints demo $(DEMO_CHECKPOINT)
 
 demo: $(DEMO_CHECKPOINT)/config.json
-	HF_HUB_OFFLINE=1 MODEL_REPO_ID=$(DEMO_CHECKPOINT) PORT=$(PORT) $(PY) main.py
+	HF_HUB_OFFLINE=1 MODEL_REPO_ID=$(DEMO_CHECKPOINT) SERVED_MODEL_NAME=qwen3-vl-demo PORT=$(PORT) $(PY) main.py
 
 run: $(STAMP)
 	$(PY) main.py

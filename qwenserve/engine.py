@@ -331,8 +331,9 @@ class Engine:
         input_ids = torch.tensor([[0] * (width - len(seq)) + seq for seq in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences], device=self.device)
         if len(jobs) == 1 and jobs[0].prompt.has_media:
-            positions, delta = self._prefill_positions(input_ids, jobs[0].prompt)
-            media = {k: v.to(self.device) for k, v in jobs[0].prompt.media_inputs.items() if k != "mm_token_type_ids"}
+            media = {k: v.to(self.device) for k, v in jobs[0].prompt.media_inputs.items()}
+            positions, delta = self._prefill_positions(input_ids, media)
+            media.pop("mm_token_type_ids")
         else:
             positions, delta, media = (mask.cumsum(-1) - 1).clamp(min=0), 0, {}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -356,20 +357,17 @@ class Engine:
             mask = mask.index_select(0, index)
         return [rows[i] for i in keep], cache, mask
 
-    def _prefill_positions(self, input_ids: torch.Tensor, prompt: Prompt):
+    def _prefill_positions(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]):
+        """Qwen3-VL multimodal rope positions for one prompt, and its rope delta for decoding."""
         length = input_ids.shape[1]
-        text_positions = torch.arange(length, device=self.device).view(1, -1)
-        if not prompt.has_media:
-            return text_positions, 0
-        media = prompt.media_inputs
-        token_types = media["mm_token_type_ids"].to(self.device)
+        text_positions = torch.arange(length, device=self.device).view(1, 1, -1)
+        token_types = media["mm_token_type_ids"]
         if token_types.shape[1] < length:  # resumed generations append text after the prompt
             token_types = F.pad(token_types, (0, length - token_types.shape[1]))
         vision_positions, deltas = self.model.model.get_rope_index(
             input_ids, token_types, image_grid_thw=media.get("image_grid_thw"),
             video_grid_thw=media.get("video_grid_thw"), attention_mask=torch.ones_like(input_ids))
-        positions = torch.cat([text_positions.view(1, 1, -1), vision_positions.to(self.device)], dim=0)
-        return positions, int(deltas.view(-1)[0])
+        return torch.cat([text_positions, vision_positions.to(self.device)], dim=0), int(deltas.view(-1)[0])
 
     def _replay(self, row: Row) -> None:
         """After a restart: rebuild the text state from the tokens produced before it."""

@@ -42,10 +42,18 @@ class RowSampler:
         if token_id < self.counts.shape[0]:
             self.counts[token_id] += 1
 
+    @property
+    def _penalized(self) -> bool:
+        p = self.params
+        return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+
     def sample(self, logits: torch.Tensor) -> int:
         p = self.params
-        logits = logits.float()[: self.counts.shape[0]]
-        logits = self._penalize(logits)
+        logits = logits[: self.counts.shape[0]]
+        if p.greedy and not self._penalized:
+            return int(torch.argmax(logits))  # on the model's device, no copy
+        # Sampling state (counts, seeded generator) lives on the CPU, whatever the model's device.
+        logits = self._penalize(logits.float().cpu())
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature

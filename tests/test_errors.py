@@ -171,3 +171,16 @@ def test_generation_failure_ends_stream_and_server_keeps_serving(fault_server):
         model.forward = real_forward
     reply = httpx.post(server.url + "/v1/chat/completions", json=chat_body(), timeout=30).json()
     assert reply["choices"][0]["message"]["content"] == "Hello! I am a demo model."
+
+
+def test_session_id_length_limit(vl_server):
+    _, ok = stream(vl_server.url, chat_body(stream=True, session_id="s" * 128))
+    assert ok.events[-1][1] == "[DONE]" and ok.ids[0] == "s" * 128 + ":0"
+    assert_envelope(post(vl_server, chat_body(stream=True, session_id="s" * 129)), 400, param="session_id")
+
+
+def test_served_model_name(server_factory, text_ckpt):
+    server = server_factory(text_ckpt, SERVED_MODEL_NAME="my-model")
+    assert [m.id for m in server.client().models.list().data] == ["my-model"]
+    assert httpx.get(server.url + "/health").json()["modelId"] == "my-model"
+    assert server.client().chat.completions.create(model="x", messages=USER).model == "my-model"
