@@ -25,8 +25,10 @@ def free_port() -> int:
 class LiveServer:
     """`python main.py` in a subprocess, configured only through its environment."""
 
-    def __init__(self, model_dir: str | Path, log_dir: Path, wait_ready: bool = True, **env: str):
+    def __init__(self, model_dir: str | Path, log_dir: Path, wait_ready: bool = True, cwd: Path | None = None,
+                 **env: str):
         self.port = free_port()
+        self.cwd = cwd or log_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_REPO_ID": str(model_dir), "HOST": "127.0.0.1",
                     "PORT": str(self.port), "DEVICE_MAP": "cpu", **{k: str(v) for k, v in env.items()}}
@@ -37,7 +39,7 @@ class LiveServer:
     def start(self, wait_ready: bool = True) -> "LiveServer":
         self.log = open(self.log_path, "a")
         # Run outside the checkout so that a developer's .env never leaks into a test server.
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=self.log_path.parent,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=self.cwd,
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait(lambda h: h["modelReady"] if wait_ready else True)
         return self

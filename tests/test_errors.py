@@ -184,3 +184,12 @@ def test_served_model_name(server_factory, text_ckpt):
     assert [m.id for m in server.client().models.list().data] == ["my-model"]
     assert httpx.get(server.url + "/health").json()["modelId"] == "my-model"
     assert server.client().chat.completions.create(model="x", messages=USER).model == "my-model"
+
+
+def test_settings_from_dotenv(server_factory, text_ckpt, tmp_path):
+    (tmp_path / ".env").write_text("SERVED_MODEL_NAME=from-dotenv\nAPI_KEY=dotenv-key\nMAX_TOKENS=2\n")
+    server = server_factory(text_ckpt, cwd=tmp_path)
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    client = server.client(api_key="dotenv-key")
+    reply = client.chat.completions.create(model="m", messages=USER)
+    assert reply.model == "from-dotenv" and reply.usage.completion_tokens == 2

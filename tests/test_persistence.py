@@ -101,3 +101,22 @@ def test_persisted_sessions_expire_after_ttl(server_factory, vl_ckpt, tmp_path):
     assert httpx.get(server.url + "/v1/sessions/old-1").status_code == 404
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM events WHERE session_id='old-1'").fetchone()[0] == 0
+
+
+def test_image_session_continues_after_a_crash(server_factory, endless_ckpt, tmp_path):
+    from .mediafiles import data_url, png
+
+    db = tmp_path / "sessions.db"
+    server = server_factory(endless_ckpt, PERSIST_SESSIONS=1, SESSIONS_DB_PATH=db,
+                            CANCEL_AFTER_DISCONNECT_SECONDS=0)
+    content = [{"type": "image_url", "image_url": {"url": data_url(png(), "image/png")}},
+               {"type": "text", "text": "describe"}]
+    body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 600,
+            "temperature": 0, "session_id": "img-crash", "stream_options": {"include_usage": True}}
+    _, reference = stream(server.url, {**body, "session_id": "img-ref"})
+    seen = read_then_kill(server, body, {}, 30)
+    server.start()
+    _, rest = stream(server.url, body, headers={"Last-Event-ID": seen.ids[-1]})
+    events = seen.events + rest.events
+    assert normalize(events, "img-crash") == normalize(reference.events, "img-ref")
+    assert json.loads(events[-2][1])["usage"] == json.loads(reference.events[-2][1])["usage"]
