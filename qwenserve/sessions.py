@@ -165,11 +165,10 @@ class SessionManager:
         if after >= record.event_count:
             raise APIError(400, f"index {after} is beyond the last event ({record.event_count - 1}) of this session",
                            param="Last-Event-ID", code="invalid_last_event_id")
-        try:
-            self.store.read(record.session_id, after)
-        except EventsGone as gone:
+        oldest = self.store.oldest_index(record.session_id)
+        if after + 1 < oldest:
             raise APIError(410, f"events after index {after} are no longer kept; the oldest available index "
-                                f"is {gone.oldest}", "invalid_request_error", "Last-Event-ID", "events_expired")
+                                f"is {oldest}", "invalid_request_error", "Last-Event-ID", "events_expired")
 
     def resolve(self, session_id: str, last_event_id: str | None) -> tuple[str, int]:
         """For GET /v1/sessions/{id}/events."""

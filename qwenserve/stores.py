@@ -60,6 +60,10 @@ class EventStore(ABC):
     def read(self, session_id: str, after: int) -> list[StoredEvent]: ...
 
     @abstractmethod
+    def oldest_index(self, session_id: str) -> int:
+        """The first event index still kept (0 when nothing was evicted)."""
+
+    @abstractmethod
     def token_ids(self, session_id: str) -> list[int]: ...
 
     @abstractmethod
@@ -98,6 +102,10 @@ class MemoryStore(EventStore):
         self._records[session_id].event_count += len(events)
         for event in events:
             self._ids[session_id].extend(event.token_ids)
+
+    def oldest_index(self, session_id: str) -> int:
+        buffer = self._events.get(session_id)
+        return buffer[0].index if buffer else 0
 
     def read(self, session_id: str, after: int) -> list[StoredEvent]:
         buffer = self._events.get(session_id)
@@ -172,6 +180,9 @@ class SQLiteStore(EventStore):
         rows = self.conn.execute("SELECT idx, data, token_ids FROM events WHERE session_id=? AND idx>? ORDER BY idx",
                                  (session_id, after)).fetchall()
         return [StoredEvent(i, d, json.loads(t)) for i, d, t in rows]
+
+    def oldest_index(self, session_id: str) -> int:
+        return 0  # every event is kept until the session expires
 
     def token_ids(self, session_id: str) -> list[int]:
         rows = self.conn.execute("SELECT token_ids FROM events WHERE session_id=? ORDER BY idx", (session_id,))
