@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
