@@ -157,6 +157,7 @@ class Engine:
         self.context_length = 0
         self.eos_ids: set[int] = set()
         self.error: str | None = None
+        self.created = int(time.time())  # reported as the model's `created` in /v1/models
         self.ready = threading.Event()
         self._jobs: queue.Queue[Generation] = queue.Queue()
         self._in_flight = 0

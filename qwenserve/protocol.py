@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -170,9 +169,9 @@ def usage_chunk_body(completion_id: str, created: int, model: str, usage: dict) 
             "model": model, "choices": [], "usage": usage}
 
 
-def models_body(model_id: str, created: int | None = None) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model",
-                                        "created": created or int(time.time()), "owned_by": "qwenserve"}]}
+def models_body(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                        "owned_by": "qwenserve"}]}
 
 
 FinishReason = Literal["stop", "length"]

@@ -36,7 +36,8 @@ async def metrics(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return models_body(services(request).engine.model_id)
+    engine = services(request).engine
+    return models_body(engine.model_id, engine.created)
 
 
 async def parse_chat_request(request: Request) -> tuple[ChatCompletionRequest, dict]:
