@@ -124,6 +124,8 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("response_format other than 'text' is not supported")
         if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
         return self
 
     def stop_list(self) -> list[str]:

@@ -51,6 +51,7 @@ def post(server, body=None, **kwargs):
     ({"messages": USER, "response_format": {"type": "json_object"}}, None, "response_format"),
     ({"messages": USER, "logprobs": True}, None, "logprobs"),
     ({"messages": USER, "session_id": "bad id!"}, "session_id", ""),
+    ({"messages": USER, "stream_options": {"include_usage": True}}, None, "stream_options"),
 ])
 def test_validation_errors_are_400(vl_server, body, param, fragment):
     error = assert_envelope(post(vl_server, body), 400, param=param)
