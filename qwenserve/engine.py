@@ -63,9 +63,13 @@ class Generation:
         self.outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
+        self.state = "queued"  # then "admitted" by the inference thread, or "ended"; guarded by the engine
+        self.on_cancel = None  # set by the engine: ends a job that is still queued at once
 
     def cancel(self) -> None:
         self.cancel_event.set()
+        if self.on_cancel:
+            self.on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -268,13 +272,33 @@ class Engine:
                                "rate_limit_exceeded", code="server_overloaded", headers={"Retry-After": "1"})
             self._in_flight += 1
         job = Generation(asyncio.get_running_loop(), prompt, params, list(resume_ids or []))
+        job.on_cancel = self._cancel_if_queued
         self._jobs.put(job)
         return job
 
-    def _release(self, job: Generation) -> None:
+    def _cancel_if_queued(self, job: Generation) -> None:
+        """A job cancelled before it reached the batch ends now and frees its slot; its queue entry is
+        skipped when the inference thread gets to it."""
         with self._in_flight_lock:
+            queued = job.state == "queued"
+        if queued:
+            self._finish_job(job, "cancelled", len(job.resume_ids), [])
+
+    def _claim(self, job: Generation) -> bool:
+        with self._in_flight_lock:
+            if job.state != "queued":
+                return False
+            job.state = "admitted"
+            return True
+
+    def _end(self, job: Generation) -> bool:
+        """Mark a job ended exactly once (the inference thread and a cancel may race); frees its slot."""
+        with self._in_flight_lock:
+            if job.state == "ended":
+                return False
+            job.state = "ended"
             self._in_flight -= 1
-        job.emit(EngineOutput("end"))
+            return True
 
     # ---- the inference loop --------------------------------------------------------------
     def _loop(self) -> None:
@@ -299,7 +323,7 @@ class Engine:
                 jobs.append(self._jobs.get(timeout=0.2) if wait else self._jobs.get_nowait())
             except queue.Empty:
                 break
-        live = [job for job in jobs if not self._skip_cancelled(job)]
+        live = [job for job in jobs if self._claim(job) and not self._skip_cancelled(job)]
         # Text-only requests that arrive together prefill together; media ones alone (their vision
         # encoder and multimodal positions are per request).
         groups = [[job] for job in live if job.prompt.has_media]
@@ -316,8 +340,8 @@ class Engine:
                 continue
             if rows:
                 batch.add(rows, cache, mask)
-        self.waiting_count = self._jobs.qsize()
         self.running_count = len(batch.rows)
+        self.waiting_count = max(0, self._in_flight - self.running_count)  # queue entries of ended jobs excluded
 
     def _skip_cancelled(self, job: Generation) -> bool:
         if job.cancelled:
@@ -434,16 +458,20 @@ class Engine:
         self._finish_job(row.job, reason, row.generated, row.pending_ids)
 
     def _finish_job(self, job: Generation, reason: str, generated: int, ids: list[int]) -> None:
+        if not self._end(job):
+            return
         if self.on_finished:
             self.on_finished(reason, time.monotonic() - job.submitted_at, len(job.prompt.input_ids),
                              generated - len(job.resume_ids))
         job.emit(EngineOutput("finish", token_ids=ids, finish_reason=reason,
                               prompt_tokens=len(job.prompt.input_ids), completion_tokens=generated))
-        self._release(job)
+        job.emit(EngineOutput("end"))
 
     def _fail(self, job: Generation, exc: Exception) -> None:
+        if not self._end(job):
+            return
         job.emit(EngineOutput("error", error=f"generation failed: {type(exc).__name__}: {exc}"[:500]))
-        self._release(job)
+        job.emit(EngineOutput("end"))
 
 
 def _eos_ids(*values) -> set[int]:

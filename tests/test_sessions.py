@@ -229,3 +229,23 @@ def test_finished_sessions_expire_after_ttl(server_factory, vl_ckpt):
     assert httpx.get(server.url + "/v1/sessions/ttl-1").status_code == 404
     response, _ = stream(server.url, body, headers={"Last-Event-ID": "ttl-1:0"})
     assert response.status_code == 404
+
+
+def test_cancel_of_a_queued_stream_ends_it_at_once(tight_server):
+    # tight_server has one batch slot: "holder" takes it, "waiter" queues behind it.
+    server = tight_server
+    holder = chat_body(session_id="holder", **ENDLESS)
+    stream(server.url, holder, max_events=2)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                      json=chat_body(session_id="waiter", **ENDLESS)) as response:
+        lines = response.iter_lines()
+        head = read_sse(lines, max_events=1)  # the role chunk; no token yet
+        assert httpx.post(server.url + "/v1/cancel/waiter").status_code == 200
+        rest = read_sse(lines)
+    assert head.indices + rest.indices == [0, 1, 2]
+    assert rest.chunks()[0]["choices"][0]["finish_reason"] == "stop" and rest.events[-1][1] == "[DONE]"
+    assert state(server, "waiter")["state"] == "cancelled"
+    assert state(server, "holder")["state"] == "running"
+    assert metric(server, "qwenserve_requests_waiting") == 0
+    httpx.post(server.url + "/v1/cancel/holder")
+    wait_state(server, "holder", "cancelled")
