@@ -201,13 +201,17 @@ def test_non_stream_disconnect_cancels_at_once(endless_server):
     assert metric(endless_server, "qwenserve_cancellations_total") >= before + 1
 
 
+def queued_behind(server, holder: str, session_id: str):
+    """On tight_server (one batch slot): `holder` takes the slot, then a stream for `session_id` is
+    opened, which waits in the queue after its role chunk."""
+    stream(server.url, chat_body(session_id=holder, **ENDLESS), max_events=2)
+    return httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                        json=chat_body(session_id=session_id, **ENDLESS))
+
+
 def test_pings_on_quiet_streams(tight_server):
     server = tight_server
-    busy = chat_body(session_id="busy", **ENDLESS)
-    stream(server.url, busy, max_events=2)
-    # The only batch slot is taken: this stream waits quietly after its role chunk.
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
-                      json=chat_body(session_id="quiet", **ENDLESS)) as response:
+    with queued_behind(server, "busy", "quiet") as response:
         lines = []
         for line in response.iter_lines():
             lines.append(line)
@@ -232,12 +236,8 @@ def test_finished_sessions_expire_after_ttl(server_factory, vl_ckpt):
 
 
 def test_cancel_of_a_queued_stream_ends_it_at_once(tight_server):
-    # tight_server has one batch slot: "holder" takes it, "waiter" queues behind it.
     server = tight_server
-    holder = chat_body(session_id="holder", **ENDLESS)
-    stream(server.url, holder, max_events=2)
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
-                      json=chat_body(session_id="waiter", **ENDLESS)) as response:
+    with queued_behind(server, "holder", "waiter") as response:
         lines = response.iter_lines()
         head = read_sse(lines, max_events=1)  # the role chunk; no token yet
         assert httpx.post(server.url + "/v1/cancel/waiter").status_code == 200
