@@ -16,7 +16,7 @@ from .config import Settings, get_settings
 from .engine import Engine
 from .media import MediaLoader
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, error_body
+from .protocol import APIError, ChatCompletionRequest, error_body, validation_to_api_error
 from .routes import router
 from .sessions import SessionManager
 from .stores import MemoryStore, SessionRecord, SQLiteStore
@@ -52,9 +52,8 @@ class Services:
             await asyncio.sleep(0.1)
         prompt, params = await self.prepare(request)
         generation = self.engine.submit(prompt, params, resume_ids)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return generation, ChatStream(record.session_id, record.created, self.settings.model_id, prompt.text,
-                                      include_usage)
+                                      request.include_usage)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -97,23 +96,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-
-def validation_to_api_error(errors) -> APIError:
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [p for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
-    param = ""
-    for part in loc:
-        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}"[:500] if param else message[:500], param=param or None,
-                    code="invalid_value")
-
-
-def _is_union_tag(part) -> bool:
-    """Pydantic names the union member it tried ('str', 'list[any]'); that is no field name."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
-                                      or "[" in part)
 
 
 def _install_guards(app: FastAPI, settings: Settings) -> None:

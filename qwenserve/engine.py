@@ -133,14 +133,20 @@ class Batch:
         if not keep:
             self.rows, self.cache, self.mask = [], None, None
             return
-        index = torch.tensor(keep, device=self.mask.device)
         self.rows = [self.rows[i] for i in keep]
-        self.mask = self.mask.index_select(0, index)
+        self.mask = _keep_rows(self.cache, self.mask, keep)
         used = int(torch.nonzero(self.mask.sum(dim=0))[0])  # leading columns that are padding for all
         self.mask = self.mask[:, used:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, used:]
-            layer.values = layer.values.index_select(0, index)[:, :, used:]
+            layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
+
+
+def _keep_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep only the given batch rows of a cache (in place) and return the matching mask rows."""
+    index = torch.tensor(keep, device=mask.device)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    return mask.index_select(0, index)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
@@ -159,6 +165,7 @@ class Engine:
         self.tokenizer = None
         self.is_multimodal = False
         self.context_length = 0
+        self.vocab_size = 0
         self.eos_ids: set[int] = set()
         self.error: str | None = None
         self.created = int(time.time())  # reported as the model's `created` in /v1/models
@@ -170,8 +177,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.running_count = 0
         self.waiting_count = 0
-        self.on_first_token = None  # metrics hooks, called on the inference thread
+        self.on_first_token = None  # metrics hooks (called on the inference thread, except on_rejected)
         self.on_finished = None
+        self.on_rejected = None
 
     # ---- loading -------------------------------------------------------------------------
     @property
@@ -268,6 +276,8 @@ class Engine:
         limit = self.settings.max_concurrent_requests + self.settings.max_queued_requests
         with self._in_flight_lock:
             if self._in_flight >= limit:
+                if self.on_rejected:
+                    self.on_rejected()
                 raise APIError(429, f"server is at capacity ({limit} requests running or waiting); retry later",
                                "rate_limit_exceeded", code="server_overloaded", headers={"Retry-After": "1"})
             self._in_flight += 1
@@ -368,18 +378,15 @@ class Engine:
             row = Row(job=job, sampler=RowSampler(job.params, self.vocab_size, job.prompt.input_ids),
                       pipeline=TextPipeline(self.tokenizer, job.params.stop), last_token=seq[-1],
                       next_position=len(seq), rope_delta=delta, generated=len(job.resume_ids))
-            self._replay(row)
-            self._accept(row, row.sampler.sample(out.logits[i, -1]))
             rows.append(row)
+            if self._replay(row):
+                self._accept(row, row.sampler.sample(out.logits[i, -1]))
         keep = [i for i, row in enumerate(rows) if not row.done]
         if not keep:
             return [], None, None
         cache = out.past_key_values
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=self.device)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-            mask = mask.index_select(0, index)
+            mask = _keep_rows(cache, mask, keep)
         return [rows[i] for i in keep], cache, mask
 
     def _prefill_positions(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]):
@@ -394,14 +401,20 @@ class Engine:
             video_grid_thw=media.get("video_grid_thw"), attention_mask=torch.ones_like(input_ids))
         return torch.cat([text_positions, vision_positions.to(self.device)], dim=0), int(deltas.view(-1)[0])
 
-    def _replay(self, row: Row) -> None:
-        """After a restart: rebuild the text state from the tokens produced before it."""
+    def _replay(self, row: Row) -> bool:
+        """After a restart: rebuild the text state from the tokens produced before it. False when those
+        tokens had already ended the generation (a crash between its last event and its final chunk)."""
         if not row.job.resume_ids:
-            return
+            return True
         text = "".join(row.pipeline.add(t) for t in row.job.resume_ids)
         for t in row.job.resume_ids:
             row.sampler.observe(t)
         row.job.emit(EngineOutput("replay", text=text))
+        if row.pipeline.stopped or row.job.resume_ids[-1] in self.eos_ids:
+            self._finish(row, "stop")
+        elif row.generated >= row.job.params.max_new_tokens:
+            self._finish(row, "length")  # its held-back text went out with the last stored event
+        return not row.done
 
     @torch.inference_mode()
     def _step(self, batch: Batch) -> None:

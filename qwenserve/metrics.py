@@ -28,6 +28,7 @@ class Metrics:
         self.rejected = Counter("qwenserve_rejected", "Requests refused with 429", registry=r)
         engine.on_first_token = self.ttft.observe
         engine.on_finished = self.finished
+        engine.on_rejected = self.rejected.inc
 
     def finished(self, reason: str, latency_seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         """Called by the inference thread (prometheus-client is thread-safe)."""

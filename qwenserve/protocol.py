@@ -29,6 +29,23 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def validation_to_api_error(errors) -> APIError:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [p for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}"[:500] if param else message[:500], param=param or None,
+                    code="invalid_value")
+
+
+def _is_union_tag(part) -> bool:
+    """Pydantic names the union member it tried ('str', 'list[any]'); that is no field name."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part)
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -132,6 +149,10 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

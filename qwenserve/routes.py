@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from .completions import ChatStream
-from .protocol import APIError, ChatCompletionRequest, bad_request, models_body
+from .protocol import APIError, ChatCompletionRequest, bad_request, models_body, validation_to_api_error
 from .sessions import new_session_id
 
 router = APIRouter()
@@ -41,8 +41,6 @@ async def models(request: Request):
 
 
 async def parse_chat_request(request: Request) -> tuple[ChatCompletionRequest, dict]:
-    from .app import validation_to_api_error
-
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -68,7 +66,7 @@ async def chat_completions(request: Request):
 
 async def _complete(request: Request, svc, chat: ChatCompletionRequest):
     prompt, params = await svc.prepare(chat)
-    generation = _submit(svc, prompt, params)
+    generation = svc.engine.submit(prompt, params)
     svc.metrics.requests.labels(stream="false").inc()
     stream = ChatStream(new_session_id(), int(time.time()), svc.settings.model_id, prompt.text)
 
@@ -87,15 +85,6 @@ async def _complete(request: Request, svc, chat: ChatCompletionRequest):
     return JSONResponse(stream.reply())
 
 
-def _submit(svc, prompt, params, resume_ids=None):
-    try:
-        return svc.engine.submit(prompt, params, resume_ids)
-    except APIError as exc:
-        if exc.status == 429:
-            svc.metrics.rejected.inc()
-        raise
-
-
 async def _stream(request: Request, svc, chat: ChatCompletionRequest, body: dict):
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     existing = svc.sessions.lookup(chat, body, last_event_id)
@@ -104,9 +93,8 @@ async def _stream(request: Request, svc, chat: ChatCompletionRequest, body: dict
     else:
         prompt, params = await svc.prepare(chat)
         session_id = chat.session_id or new_session_id()
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        stream = ChatStream(session_id, int(time.time()), svc.settings.model_id, prompt.text, include_usage)
-        generation = _submit(svc, prompt, params)
+        stream = ChatStream(session_id, int(time.time()), svc.settings.model_id, prompt.text, chat.include_usage)
+        generation = svc.engine.submit(prompt, params)
         svc.metrics.requests.labels(stream="true").inc()
         svc.sessions.create(session_id, chat, body, generation, stream)
         after = -1
