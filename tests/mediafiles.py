@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,24 +39,55 @@ def truncated_jpeg() -> bytes:
 
 
 def pixel_bomb_png(side=20000) -> bytes:
-    """A side x side PNG of a few tens of kilobytes (1-bit, all zero)."""
+    """A side x side PNG of a few tens of kilobytes (1-bit, all zero), written row by row so that making it
+    costs the test process no more memory than the file."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    parts = [packer.compress(row) for _ in range(side)] + [packer.flush()]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def ico_wrapping(image: bytes) -> bytes:
+    """An .ico whose one entry is `image` (a PNG): its directory says 256x256 whatever the PNG holds."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(image), 22) + image
+
+
+def animated(fmt: str, frames=3, width=64, height=48) -> bytes:
+    """An animated GIF, PNG (APNG) or WEBP whose frames differ."""
+    images = [Image.new("RGB", (width, height), (40 * i, 200 - 40 * i, 90)) for i in range(frames)]
     buf = io.BytesIO()
-    Image.new("1", (side, side)).save(buf, "PNG", optimize=True)
+    images[0].save(buf, fmt, save_all=True, append_images=images[1:], duration=100, loop=0)
     return buf.getvalue()
 
 
 def mp4(seconds: float = 2.0, fps: int = 10, width: int = 64, height: int = 48) -> bytes:
+    return video(seconds, fps, width, height)
+
+
+def video(seconds: float = 2.0, fps: int = 10, width: int = 64, height: int = 48, container: str = "mp4",
+          still: bool = False) -> bytes:
+    """int(seconds * fps) frames, in an mp4 (whose header counts them) or e.g. a matroska file (whose header
+    does not: the count is known only by decoding); `still` frames are all alike, so the file stays small
+    whatever their number."""
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(buf, "w", format=container) as output:
+        stream = output.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(int(seconds * fps)):
-            frame = np.full((height, width, 3), (i * 12) % 255, dtype=np.uint8)
+            frame = np.full((height, width, 3), 0 if still else (i * 12) % 255, dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
+                output.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            output.mux(packet)
     return buf.getvalue()
+
+
+def ffconcat(*names: str) -> bytes:
+    """An FFmpeg concat playlist: a demuxer that opens other files (relative to the reader's directory)."""
+    return b"ffconcat version 1.0\n" + b"".join(b"file %s\n" % name.encode() for name in names)
 
 
 def data_url(data: bytes, mime: str) -> str:
