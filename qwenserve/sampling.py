@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+
+
+# Finite bounds for logits after penalties: temperature (>= MIN_TEMPERATURE) then scales them without
+# reaching inf, and softmax stays a distribution.
+LOGIT_LIMIT = 1e4
+SEED_SPAN = 2 ** 64  # seeds wrap within what torch.Generator accepts
+
+
+def _is_distribution(probs: torch.Tensor) -> bool:
+    total = float(probs.sum())
+    return bool(torch.isfinite(probs).all()) and total > 0 and bool((probs >= 0).all())
 
 
 @dataclass
@@ -18,10 +30,19 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    constraint: Any = None  # makes a row's matcher (constraints.RowConstraint): each choice gets its own
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """Choice i of n samples with seed + i, so that each choice differs and each is reproducible."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index) % SEED_SPAN)
 
 
 class RowSampler:
@@ -43,6 +64,10 @@ class RowSampler:
             self.counts[token_id] += 1
 
     @property
+    def plain_greedy(self) -> bool:
+        return self.params.greedy and not self._penalized
+
+    @property
     def _penalized(self) -> bool:
         p = self.params
         return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
@@ -50,7 +75,7 @@ class RowSampler:
     def sample(self, logits: torch.Tensor) -> int:
         p = self.params
         logits = logits[: self.counts.shape[0]]
-        if p.greedy and not self._penalized:
+        if self.plain_greedy:
             return int(torch.argmax(logits))  # on the model's device, no copy
         # Sampling state (counts, seeded generator) lives on the CPU, whatever the model's device.
         logits = self._penalize(logits.float().cpu())
@@ -67,9 +92,15 @@ class RowSampler:
             drop = cumulative - sorted_probs > p.top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        if not _is_distribution(probs):  # the model's own logits overflowed: take the best finite token
+            return int(torch.argmax(logits))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        penalized = self._penalties(logits)
+        return torch.nan_to_num(penalized, nan=float("-inf"), posinf=LOGIT_LIMIT).clamp(max=LOGIT_LIMIT)
+
+    def _penalties(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.repetition_penalty != 1.0:
             seen = self.prompt_mask | (self.counts > 0)
