@@ -1,19 +1,21 @@
-"""From a validated request to engine inputs, and from engine outputs to OpenAI chunks or a reply."""
+"""From a validated request to engine inputs: the template's messages, tools and variables, media,
+admission, tokenization, sampling parameters and the stream that will shape the outputs."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass, field
+import time
+from functools import partial
 
+from .chat_stream import DONE, ChatStream, ChunkEvent
 from .config import Settings
-from .engine import Engine, EngineOutput, Prompt
-from .protocol import (APIError, ChatCompletionRequest, bad_request, chunk_body, completion_body,
-                       error_body, make_usage, usage_chunk_body)
-from .reasoning import ReasoningSplitter, prompt_opens_reasoning
+from .constraints import ConstraintError, reasoning_mode, response_format_spec, tool_call_spec
+from .engine import Engine, Prompt
+from .protocol import APIError, ChatCompletionRequest, bad_request
 from .sampling import SamplingParams
+from .tools import tool_fields
 
-DONE = "[DONE]"
+__all__ = ["DONE", "ChatStream", "ChunkEvent", "open_stream", "prepare", "sampling_params"]
 
 
 def sampling_params(request: ChatCompletionRequest, settings: Settings, prompt_tokens: int,
@@ -26,12 +28,30 @@ def sampling_params(request: ChatCompletionRequest, settings: Settings, prompt_t
     if len(stops) > settings.max_stop_sequences:
         raise bad_request(f"at most {settings.max_stop_sequences} stop sequences are allowed", "stop")
     temperature = settings.temperature if request.temperature is None else request.temperature
+    if 0 < temperature < settings.min_temperature:
+        raise bad_request(f"temperature must be 0 (greedy) or at least {settings.min_temperature:g} "
+                          "(MIN_TEMPERATURE)", "temperature", "invalid_value")
     return SamplingParams(
         max_new_tokens=min(request.requested_max_tokens() or settings.max_tokens, room),
         temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
         top_k=max(request.top_k or 0, 0), seed=request.seed, stop=stops,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty)
+        repetition_penalty=request.repetition_penalty, logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0)
+
+
+def check_choices(request: ChatCompletionRequest, settings: Settings) -> None:
+    if request.n > settings.max_n:
+        raise bad_request(f"n is {request.n}; at most {settings.max_n} choices per request (MAX_N)", "n",
+                          "invalid_value")
+
+
+def open_stream(engine: Engine, request: ChatCompletionRequest, completion_id: str, model: str,
+                prompt_text: str, created: int | None = None) -> ChatStream:
+    """The object that will shape this request's outputs into chunks or a reply."""
+    return ChatStream(completion_id, int(time.time()) if created is None else created, model, prompt_text,
+                      request.include_usage, n=request.n, parse_tools=request.tool_mode != "none",
+                      token_bytes=engine.token_bytes if request.logprobs else None)
 
 
 def template_messages(request: ChatCompletionRequest, multimodal: bool) -> list[dict]:
@@ -52,111 +72,92 @@ def template_messages(request: ChatCompletionRequest, multimodal: bool) -> list[
                 else:
                     parts.append({"type": "video" if "video" in kind else "image"})
             content = parts if multimodal else "\n".join(p["text"] for p in parts)
-        messages.append({"role": role, "content": content if content is not None else ""})
+        messages.append({"role": role, "content": content if content is not None else "",
+                         **tool_fields(message.model_dump(exclude_none=True))})
     return messages
 
 
+def template_tools(request: ChatCompletionRequest) -> list[dict] | None:
+    """Tools for the template (it puts them in the system turn), unless tool_choice is "none"."""
+    if request.tool_mode == "none":
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in request.tools]
+
+
 async def prepare(engine: Engine, settings: Settings, request: ChatCompletionRequest,
-                  media_loader=None) -> tuple[Prompt, SamplingParams]:
-    """Template, media and tokenization run off the event loop."""
+                  media_loader=None, continuing: bool = False, rows: int | None = None) -> tuple[Prompt, SamplingParams]:
+    """Cheap refusals first (size, admission), then media, template and tokenization off the event
+    loop. The prompt holds the admission slot until it is submitted."""
     engine.require_ready()
+    check_prompt_size(request, settings)
+    check_choices(request, settings)
     messages = template_messages(request, engine.is_multimodal)
+    spec = constraint_spec(request)
+    slot = engine.reserve(force=continuing, rows=request.n if rows is None else rows)
+    try:
+        grammar = await _compile(engine, spec) if spec else None
+        prompt = await _build_prompt(engine, request, messages, media_loader)
+        params = sampling_params(request, settings, len(prompt.input_ids), engine.context_length)
+        if grammar is not None:
+            params.constraint = partial(grammar.matcher, reasoning_mode(prompt.text, engine.constraints.may_think))
+    except BaseException:
+        slot.release()
+        raise
+    prompt.slot = slot
+    return prompt, params
+
+
+def constraint_spec(request: ChatCompletionRequest) -> dict | None:
+    """What the output must match: forced tool calls ("required" or a named function) or the
+    response_format's JSON; None for free text. The reasoning of thinking models is never constrained."""
+    try:
+        if request.tool_mode in ("required", "named"):
+            choice = request.tool_choice if isinstance(request.tool_choice, str) else request.tool_choice.model_dump()
+            return tool_call_spec([t.model_dump(exclude_none=True) for t in request.tools], choice,
+                                  request.parallel_tool_calls is not False)
+        form = request.response_format
+        return response_format_spec(form.model_dump(by_alias=True, exclude_none=True) if form else None)
+    except ConstraintError as exc:
+        raise bad_request(str(exc), exc.param, "invalid_constraint")
+
+
+async def _compile(engine: Engine, spec: dict):
+    if engine.constraints is None:
+        raise bad_request("structured outputs and forced tool calls are not available for this model "
+                          "(its tokenizer could not be indexed; see the server log)", None, "unsupported_constraint")
+    try:
+        return await asyncio.to_thread(engine.constraints.compile, spec)
+    except ConstraintError as exc:
+        raise bad_request(str(exc), exc.param, "invalid_constraint")
+
+
+async def _build_prompt(engine: Engine, request: ChatCompletionRequest, messages: list[dict],
+                        media_loader) -> Prompt:
     media = await media_loader(request) if media_loader else None
-    kwargs = dict(request.chat_template_kwargs or {})
+    kwargs = template_kwargs(request, engine.template_variables)
     try:
         prompt = await asyncio.to_thread(engine.build_prompt, messages, kwargs,
-                                         *(media.processor_args() if media else ()))
+                                         *(media.processor_args() if media else ()), tools=template_tools(request))
     except APIError:
         raise
     except Exception as exc:
         raise bad_request(f"could not build the prompt: {type(exc).__name__}: {str(exc)[:300]}", "messages")
-    return prompt, sampling_params(request, settings, len(prompt.input_ids), engine.context_length)
+    if not prompt.input_ids:
+        raise bad_request("the chat template rendered an empty prompt for these messages", "messages",
+                          "empty_prompt")
+    return prompt
 
 
-@dataclass
-class ChunkEvent:
-    """One SSE event: a chunk (or `[DONE]`) and the token ids produced since the previous event."""
-    payload: dict | str
-    token_ids: list[int] = field(default_factory=list)
-
-    def data(self) -> str:
-        return self.payload if isinstance(self.payload, str) else json.dumps(self.payload, separators=(",", ":"))
+def template_kwargs(request: ChatCompletionRequest, variables: frozenset[str] | None) -> dict:
+    """The request's template variables that the model's template reads (reserved keywords were refused
+    at validation); others are dropped, so that no keyword reaches apply_chat_template itself."""
+    kwargs = request.chat_template_kwargs or {}
+    return {k: v for k, v in kwargs.items() if variables is None or k in variables}
 
 
-class ChatStream:
-    """Turns one generation's engine outputs into chunks; the same object builds non-stream replies."""
-
-    def __init__(self, completion_id: str, created: int, model: str, prompt_text: str,
-                 include_usage: bool = False):
-        self.completion_id = completion_id
-        self.created = created
-        self.model = model
-        self.include_usage = include_usage
-        self.splitter = ReasoningSplitter(prompt_opens_reasoning(prompt_text))
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
-        self.finish_reason: str | None = None
-        self.usage: dict | None = None
-        self.error: str | None = None
-        self._ids: list[int] = []
-
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        body = chunk_body(self.completion_id, self.created, self.model, delta, finish_reason)
-        if self.include_usage:
-            body["usage"] = None
-        return body
-
-    def start(self) -> list[ChunkEvent]:
-        return [ChunkEvent(self._chunk({"role": "assistant", "content": ""}))]
-
-    def feed(self, output: EngineOutput) -> list[ChunkEvent]:
-        self._ids.extend(output.token_ids)
-        if output.kind == "replay":
-            self._split(output.text)
-            return []
-        if output.kind == "delta":
-            return self._delta_events(*self._split(output.text))
-        if output.kind == "error":
-            self.error = output.error
-            return [ChunkEvent(error_body(output.error or "generation failed", "server_error", None,
-                                          "generation_failed"), self._take_ids()), ChunkEvent(DONE)]
-        return self._finish_events(output)
-
-    def _split(self, text: str) -> tuple[str, str]:
-        reasoning, content = self.splitter.feed(text)
-        self.reasoning.append(reasoning)
-        self.content.append(content)
-        return reasoning, content
-
-    def _take_ids(self) -> list[int]:
-        ids, self._ids = self._ids, []
-        return ids
-
-    def _delta_events(self, reasoning: str, content: str) -> list[ChunkEvent]:
-        delta = {}
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        if content:
-            delta["content"] = content
-        return [ChunkEvent(self._chunk(delta), self._take_ids())] if delta else []
-
-    def _finish_events(self, output: EngineOutput) -> list[ChunkEvent]:
-        reasoning, content = self.splitter.flush()
-        self.reasoning.append(reasoning)
-        self.content.append(content)
-        events = self._delta_events(reasoning, content)
-        self.finish_reason = output.finish_reason
-        # OpenAI has no "cancelled" reason; the session's state tells a cancel apart.
-        reason = "stop" if output.finish_reason == "cancelled" else output.finish_reason
-        self.usage = make_usage(output.prompt_tokens, output.completion_tokens)
-        events.append(ChunkEvent(self._chunk({}, reason), self._take_ids()))
-        if self.include_usage:
-            events.append(ChunkEvent(usage_chunk_body(self.completion_id, self.created, self.model, self.usage)))
-        events.append(ChunkEvent(DONE))
-        return events
-
-    def reply(self) -> dict:
-        reason = "stop" if self.finish_reason == "cancelled" else self.finish_reason
-        reasoning = "".join(self.reasoning) if self.splitter.reasoning_used else None
-        return completion_body(self.completion_id, self.created, self.model, "".join(self.content),
-                               reasoning, reason or "stop", self.usage or make_usage(0, 0))
+def check_prompt_size(request: ChatCompletionRequest, settings: Settings) -> None:
+    """Refuse a prompt too large to be worth tokenizing, by its characters (MAX_PROMPT_CHARS)."""
+    chars = request.text_chars()
+    if chars > settings.max_prompt_chars:
+        raise bad_request(f"the messages hold {chars} characters of text; at most {settings.max_prompt_chars} "
+                          "are accepted (MAX_PROMPT_CHARS)", "messages", "context_length_exceeded")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +27,12 @@ class Settings(BaseSettings):
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     max_stop_sequences: int = Field(4, ge=0)
+    max_n: int = Field(4, ge=1)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+    max_json_depth: int = Field(64, ge=4)
+    min_temperature: float = Field(0.01, gt=0.0, le=2.0)
+    shutdown_grace_seconds: float = Field(10, ge=0)
 
     api_key: str | None = None
 
@@ -34,6 +40,8 @@ class Settings(BaseSettings):
     sessions_db_path: str = "sessions.db"
     sessions_ttl_seconds: float = Field(600, ge=0)
     sessions_buffer_events: int = Field(4096, ge=8)
+    sessions_max_finished: int = Field(1024, ge=0)
+    sessions_max_finished_bytes: int = Field(256 * 1024 * 1024, ge=0)
     cancel_after_disconnect_seconds: float = Field(3600, ge=0)
     sse_ping_seconds: float = Field(15, gt=0)
 
@@ -41,6 +49,7 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(64, ge=0)
 
     max_video_frames: int = Field(16, ge=1)
+    max_video_decoded_frames: int = Field(4096, ge=2)
     max_images_per_request: int = Field(8, ge=0)
     max_videos_per_request: int = Field(2, ge=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -55,7 +64,13 @@ class Settings(BaseSettings):
 
     @property
     def model_id(self) -> str:
-        return self.served_model_name or self.model_repo_id
+        """The id clients see: never a local absolute path (a directory is named by its last part)."""
+        if self.served_model_name:
+            return self.served_model_name
+        repo = self.model_repo_id.rstrip("/\\")
+        if Path(repo).is_absolute() or repo.startswith((".", "~")) or Path(repo).exists():
+            return Path(repo).name or repo
+        return repo
 
     @property
     def allowed_media_domain_list(self) -> list[str]:

@@ -44,8 +44,8 @@ def small_context_ckpt(ckpt_dir):
     return checkpoints.build_text_checkpoint(ckpt_dir / "text-small", endless=True, context=40)
 
 
-@pytest.fixture
-def server_factory(log_dir):
+def _servers(log_dir):
+    """A function that starts live servers, and stops them all when the fixture ends."""
     servers: list[LiveServer] = []
 
     def start(model_dir, **env) -> LiveServer:
@@ -56,6 +56,17 @@ def server_factory(log_dir):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def server_factory(log_dir):
+    yield from _servers(log_dir)
+
+
+@pytest.fixture(scope="module")
+def server_factory_module(log_dir):
+    """Like server_factory, for servers shared by the tests of one module."""
+    yield from _servers(log_dir)
 
 
 def _session_server(request, log_dir, model_dir, **env):

@@ -20,9 +20,9 @@ def prompt_token_count(ckpt, messages, **template_kwargs) -> int:
 
 def test_health_and_models(vl_server, vl_ckpt):
     health = httpx.get(vl_server.url + "/health").json()
-    assert health == {"ok": True, "modelReady": True, "modelId": str(vl_ckpt), "error": None}
+    assert health == {"ok": True, "modelReady": True, "modelId": vl_ckpt.name, "error": None}
     models = vl_server.client().models.list()
-    assert [m.id for m in models.data] == [str(vl_ckpt)]
+    assert [m.id for m in models.data] == [vl_ckpt.name]
 
 
 def test_non_stream_reply_with_reasoning_and_usage(vl_server, vl_ckpt):
@@ -30,7 +30,7 @@ def test_non_stream_reply_with_reasoning_and_usage(vl_server, vl_ckpt):
     reply = vl_server.client().chat.completions.create(model="whatever", messages=messages)
     choice = reply.choices[0]
     assert reply.object == "chat.completion"
-    assert reply.model == str(vl_ckpt)
+    assert reply.model == vl_ckpt.name
     assert choice.message.role == "assistant"
     assert choice.message.content == THINKING_CONTENT
     assert choice.message.reasoning_content == THINKING_REASONING

@@ -12,6 +12,7 @@ from qwenserve.config import Settings
 from .helpers import InProcessServer, chat_body, stream
 
 USER = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def assert_envelope(response: httpx.Response, status: int, param=..., code=...) -> dict:
@@ -46,10 +47,24 @@ def post(server, body=None, **kwargs):
     ({"messages": USER, "top_p": 0}, "top_p", ""),
     ({"messages": USER, "stop": ""}, "stop", "non-empty"),
     ({"messages": USER, "stream": "yes please"}, "stream", ""),
-    ({"messages": USER, "n": 2}, None, "n must be 1"),
-    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, "tools"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, None, "response_format"),
-    ({"messages": USER, "logprobs": True}, None, "logprobs"),
+    ({"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
+    ({"messages": USER, "tools": []}, None, "tools must not be empty"),
+    ({"messages": USER, "tool_choice": "auto"}, None, "tool_choice needs tools"),
+    ({"messages": USER, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     None, "not among the tools"),
+    ({"messages": USER, "tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", ""),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+     "tools[0].function.name", "pattern"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "x" * 65}}]},
+     "tools[0].function.name", "pattern"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters", "type 'object'"),
+    ({"messages": USER, "tools": [{"type": "retrieval"}]}, "tools[0].type", ""),
+    ({"messages": USER, "response_format": {"type": "xml"}}, "response_format.type", ""),
+    ({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format", "needs a 'json_schema'"),
+    ({"messages": USER, "top_logprobs": 2}, None, "top_logprobs needs logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": -1}, "top_logprobs", ""),
     ({"messages": USER, "session_id": "bad id!"}, "session_id", ""),
     ({"messages": USER, "stream_options": {"include_usage": True}}, None, "stream_options"),
 ])
