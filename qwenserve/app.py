@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .completions import ChatStream, prepare
+from .chat_stream import choice_progress
+from .completions import open_stream, prepare
 from .config import Settings, get_settings
 from .engine import Engine
 from .media import MediaLoader
@@ -37,23 +40,31 @@ class Services:
         self.metrics = Metrics(engine)
         self.media = MediaLoader(settings)
         store = SQLiteStore(settings.sessions_db_path) if settings.persist_sessions \
-            else MemoryStore(settings.sessions_buffer_events)
+            else MemoryStore(settings.sessions_buffer_events, settings.sessions_max_finished,
+                             settings.sessions_max_finished_bytes)
         self.sessions = SessionManager(store, self.continue_session, settings.sessions_ttl_seconds,
                                        settings.cancel_after_disconnect_seconds, settings.sse_ping_seconds,
-                                       self.metrics)
+                                       self.metrics, settings.max_json_depth)
 
-    async def prepare(self, request: ChatCompletionRequest):
+    async def prepare(self, request: ChatCompletionRequest, continuing: bool = False, rows: int | None = None):
         loader = self.media.load if self.engine.is_multimodal else None
-        return await prepare(self.engine, self.settings, request, loader)
+        return await prepare(self.engine, self.settings, request, loader, continuing, rows)
 
     async def continue_session(self, request: ChatCompletionRequest, record: SessionRecord, resume_ids: list[int]):
-        """Restart a persisted session's generation after a restart, from the tokens it had produced."""
+        """Restart a persisted session's generation after a restart, from the tokens each choice had
+        produced; choices whose final chunk was stored only count for usage and the end."""
         while not self.engine.ready.is_set() and not self.engine.error:
             await asyncio.sleep(0.1)
-        prompt, params = await self.prepare(request)
-        generation = self.engine.submit(prompt, params, resume_ids)
-        return generation, ChatStream(record.session_id, record.created, self.settings.model_id, prompt.text,
-                                      request.include_usage)
+        progress = {0: (resume_ids, None)} if request.n == 1 else \
+            choice_progress(self.sessions.store.read(record.session_id, -1))
+        running = {i: progress.get(i, ([], None))[0] for i in range(request.n) if progress.get(i, ([], None))[1] is None}
+        prompt, params = await self.prepare(request, continuing=True, rows=len(running))
+        stream = open_stream(self.engine, request, record.session_id, self.settings.model_id, prompt.text,
+                             record.created)
+        for i, (ids, reason) in progress.items():
+            if reason is not None:
+                stream.mark_finished(i, reason, len(ids))
+        return self.engine.submit(prompt, params, running), stream
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -92,6 +103,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, exc: ClientDisconnect):
+        log.info("client disconnected before its request body was complete")
+        return Response(status_code=400)  # nobody reads it
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
@@ -115,11 +131,10 @@ class Guards:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
-        if self.api_key and scope["path"].startswith("/v1"):
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
-                error = APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                 "authentication_error", code="invalid_api_key")
-                return await error_response(error)(scope, receive, send)
+        if self.api_key and _needs_key(scope["path"]) and not self._authorized(headers.get(b"authorization", b"")):
+            error = APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                             "authentication_error", code="invalid_api_key")
+            return await error_response(error)(scope, receive, send)
         too_large = APIError(413, f"request body is larger than {self.body_limit} bytes (MAX_REQUEST_BYTES)",
                              code="request_too_large")
         declared = headers.get(b"content-length")
@@ -147,6 +162,20 @@ class Guards:
         except BodyTooLarge:
             if not started:
                 await error_response(too_large)(scope, receive, send)
+
+
+    def _authorized(self, header: bytes) -> bool:
+        """RFC 7235: the scheme is case-insensitive; the key is compared in constant time."""
+        scheme, _, token = header.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key.encode())
+
+
+# The API and its description (/docs, /redoc, /openapi.json) want the key; /health and /metrics do not.
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1") or path.startswith(DOC_PATHS)
 
 
 class BodyTooLarge(Exception):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
-from .completions import ChatStream
-from .protocol import APIError, ChatCompletionRequest, bad_request, models_body, validation_to_api_error
+from .completions import open_stream
+from .protocol import APIError, ChatCompletionRequest, chat_request_from, models_body, parse_json_object
 from .sessions import new_session_id
 
 router = APIRouter()
@@ -41,18 +38,8 @@ async def models(request: Request):
 
 
 async def parse_chat_request(request: Request) -> tuple[ChatCompletionRequest, dict]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"[:300],
-                          code="invalid_json")
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(body), body
-    except ValidationError as exc:
-        raise validation_to_api_error(exc.errors())
+    body = parse_json_object(await request.body(), services(request).settings.max_json_depth)
+    return chat_request_from(body), body
 
 
 @router.post("/v1/chat/completions")
@@ -66,9 +53,9 @@ async def chat_completions(request: Request):
 
 async def _complete(request: Request, svc, chat: ChatCompletionRequest):
     prompt, params = await svc.prepare(chat)
-    generation = svc.engine.submit(prompt, params)
+    generation = svc.engine.submit(prompt, params, n=chat.n)
     svc.metrics.requests.labels(stream="false").inc()
-    stream = ChatStream(new_session_id(), int(time.time()), svc.settings.model_id, prompt.text)
+    stream = open_stream(svc.engine, chat, new_session_id(), svc.settings.model_id, prompt.text)
 
     async def collect():
         async for output in generation:
@@ -87,17 +74,16 @@ async def _complete(request: Request, svc, chat: ChatCompletionRequest):
 
 async def _stream(request: Request, svc, chat: ChatCompletionRequest, body: dict):
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    existing = svc.sessions.lookup(chat, body, last_event_id)
-    if existing:
-        session_id, after = existing
-    else:
+
+    async def start(session_id: str):
+        """Runs once per new session: identical requests racing for its id wait and read the same stream."""
         prompt, params = await svc.prepare(chat)
-        session_id = chat.session_id or new_session_id()
-        stream = ChatStream(session_id, int(time.time()), svc.settings.model_id, prompt.text, chat.include_usage)
-        generation = svc.engine.submit(prompt, params)
+        stream = open_stream(svc.engine, chat, session_id, svc.settings.model_id, prompt.text)
+        generation = svc.engine.submit(prompt, params, n=chat.n)
         svc.metrics.requests.labels(stream="true").inc()
-        svc.sessions.create(session_id, chat, body, generation, stream)
-        after = -1
+        return generation, stream
+
+    session_id, after = await svc.sessions.open_stream(chat, body, last_event_id, start)
     return StreamingResponse(svc.sessions.follow(session_id, after), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from .completions import DONE, ChatStream, ChunkEvent
 from .engine import Generation
-from .protocol import APIError, ChatCompletionRequest
+from .protocol import APIError, ChatCompletionRequest, chat_request_from, parse_json_object
 from .stores import (CANCELLED, FAILED, FINISHED, RUNNING, TERMINAL, EventsGone, EventStore, SessionRecord,
                      StoredEvent)
 
@@ -25,6 +25,8 @@ log = logging.getLogger("qwenserve.sessions")
 
 # Starts a generation for a request: returns the engine job and the chunk builder for it.
 Starter = Callable[[ChatCompletionRequest, SessionRecord, list[int]], Awaitable[tuple[Generation, ChatStream]]]
+# Prepares and submits a new stream's request under the given session id.
+Start = Callable[[str], Awaitable[tuple[Generation, ChatStream]]]
 
 
 def new_session_id() -> str:
@@ -70,36 +72,100 @@ class LiveSession:
         self.changed = asyncio.Event()
 
 
+@dataclass
+class Claim:
+    """A new session id whose request is being prepared: identical requests wait for it (one generation,
+    one stream for all); `error` is the answer they share when preparation fails."""
+    fingerprint: str
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    error: APIError | None = None
+
+
+def conflict(session_id: str) -> APIError:
+    return APIError(409, f"session {session_id!r} exists with a different request body", "invalid_request_error",
+                    "session_id", "session_conflict")
+
+
 class SessionManager:
     def __init__(self, store: EventStore, starter: Starter, ttl_seconds: float, cancel_after_seconds: float,
-                 ping_seconds: float, metrics=None):
+                 ping_seconds: float, metrics=None, max_json_depth: int = 64):
         self.store = store
         self.starter = starter
         self.ttl_seconds = ttl_seconds
         self.cancel_after_seconds = cancel_after_seconds
         self.ping_seconds = ping_seconds
         self.metrics = metrics
+        self.max_json_depth = max_json_depth
         self.live: dict[str, LiveSession] = {}
+        self._claims: dict[str, Claim] = {}
         self._janitor: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers_end = asyncio.Event()  # set at shutdown: every reader stops at an event boundary
+        self._shutdown_begun = False
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._janitor = asyncio.create_task(self._expire_loop())
         for record in self.store.unfinished():
-            last = self.store.read(record.session_id, record.event_count - 2)
-            if last and last[-1].data == DONE:  # crashed between the last event and the state update
+            if self._ended_before_crash(record):
                 self.store.set_state(record.session_id, FINISHED)
                 continue
             log.info("continuing session %s after restart", record.session_id)
-            request = ChatCompletionRequest.model_validate_json(record.request_json)
-            self._launch(record, self.starter(request, record, self.store.token_ids(record.session_id)))
+            self._launch(record, self._continue(record))
+
+    def _ended_before_crash(self, record: SessionRecord) -> bool:
+        """The last stored event is `[DONE]`: the crash came between it and the state update."""
+        try:
+            last = self.store.read(record.session_id, record.event_count - 2)
+        except Exception:  # unreadable events: the continuation fails too, and says so to the readers
+            log.exception("session %s: stored events unreadable", record.session_id)
+            return False
+        return bool(last) and last[-1].data == DONE
+
+    async def _continue(self, record: SessionRecord) -> tuple[Generation, ChatStream]:
+        """A stored session's generation again, its request read back through the parser the door uses.
+        Any failure (a request the server no longer accepts, a preparation that fails) fails this
+        session only: `_produce` gives its readers an error event and `[DONE]`."""
+        try:
+            request = chat_request_from(parse_json_object(record.request_json, self.max_json_depth))
+            return await self.starter(request, record, self.store.token_ids(record.session_id))
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+            raise APIError(500, f"the session could not be continued after a restart: {reason}",
+                           "server_error", code="generation_failed") from exc
+
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """A shutdown signal arrived (called from the signal handler, so it only schedules). Streams keep
+        going for most of the grace, so those that finish within it are complete; then every reader
+        stops at an event boundary, before the server cancels what is left, and clients resume with
+        `Last-Event-ID` (after the restart, with persistence)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._schedule_readers_end, grace_seconds)
+
+    def _schedule_readers_end(self, grace_seconds: float) -> None:
+        if self._shutdown_begun:
+            return
+        self._shutdown_begun = True
+        # The margin lets the ended responses finish and the server see their connections close.
+        margin = min(1.0, grace_seconds / 2)
+        self._loop.call_later(grace_seconds - margin, self._end_readers)
+
+    def _end_readers(self) -> None:
+        self._readers_end.set()
+        for live in self.live.values():
+            live.notify()
 
     async def stop(self) -> None:
+        self._end_readers()
+        tasks = [live.task for live in self.live.values() if live.task and not live.task.done()]
         if self._janitor:
-            self._janitor.cancel()
-        for live in list(self.live.values()):
-            if live.task:
-                live.task.cancel()
+            tasks.append(self._janitor)
+        for task in tasks:
+            task.cancel()
+        # A cancelled producer leaves its session `running` (continued at the next start with persistence);
+        # waiting for them means none touches the store after it is closed.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.store.close()
 
     async def _expire_loop(self) -> None:
@@ -107,46 +173,82 @@ class SessionManager:
         while True:
             await asyncio.sleep(interval)
             try:
-                for sid in self.store.delete_expired(self.ttl_seconds):
-                    self.live.pop(sid, None)
+                self._forget(self.store.delete_expired(self.ttl_seconds))
             except Exception:
                 log.exception("session expiry failed")
 
+    def _forget(self, session_ids: list[str]) -> None:
+        """Sessions the store dropped (expired or evicted): unknown from now on."""
+        for sid in session_ids:
+            self.live.pop(sid, None)
+
     # ---- opening streams -----------------------------------------------------------------
-    def lookup(self, request: ChatCompletionRequest, body: dict, last_event_id: str | None) -> tuple[str, int] | None:
-        """An existing session to resume as (session_id, last index seen), or None for a new stream."""
-        after = -1
-        session_id = request.session_id
-        if last_event_id is not None:
-            named, after = parse_last_event_id(last_event_id)
-            if session_id and session_id != named:
-                raise APIError(400, f"Last-Event-ID names session {named[:128]!r} but the body names "
-                                    f"{session_id!r}", param="Last-Event-ID", code="session_mismatch")
-            session_id = named
-            record = self._known(session_id)
-        elif session_id is None:
-            return None
-        else:
-            record = self.store.get(session_id)
-            if record is None:
-                return None
-        if record.request_hash != request_fingerprint(body):
-            raise APIError(409, f"session {session_id!r} exists with a different request body",
-                           "invalid_request_error", "session_id", "session_conflict")
+    async def open_stream(self, request: ChatCompletionRequest, body: dict, last_event_id: str | None,
+                          start: Start) -> tuple[str, int]:
+        """The session a stream request reads and the last index its client saw: an existing one (resume,
+        or the same body again), or a new one whose request `start` prepares and submits. Identical
+        requests for a new id that arrive together share one generation."""
+        session_id, after = self._target(request, last_event_id)
+        fingerprint = request_fingerprint(body)
+        if session_id is None:
+            return await self._create(new_session_id(), body, fingerprint, start)
+        await self._settled(session_id, fingerprint)
+        # No await from here to the claim in _create: no other request can slip in between.
+        record = self._known(session_id) if last_event_id is not None else self.store.get(session_id)
+        if record is None:
+            return await self._create(session_id, body, fingerprint, start)
+        if record.request_hash != fingerprint:
+            raise conflict(session_id)
         self.check_index(record, after)
         if self.metrics:
             self.metrics.resumes.inc()
         return session_id, after
 
-    def create(self, session_id: str, request: ChatCompletionRequest, body: dict,
-               generation: Generation, stream: ChatStream) -> None:
-        """Record a new session and run its generation; the caller has prepared and submitted it."""
-        if self.store.get(session_id) is not None:  # lost a race with an identical request
+    @staticmethod
+    def _target(request: ChatCompletionRequest, last_event_id: str | None) -> tuple[str | None, int]:
+        """The session named (by Last-Event-ID, else the body) and the last index seen."""
+        if last_event_id is None:
+            return request.session_id, -1
+        named, after = parse_last_event_id(last_event_id)
+        if request.session_id and request.session_id != named:
+            raise APIError(400, f"Last-Event-ID names session {named[:128]!r} but the body names "
+                                f"{request.session_id!r}", param="Last-Event-ID", code="session_mismatch")
+        return named, after
+
+    async def _settled(self, session_id: str, fingerprint: str) -> None:
+        """Waits while another request prepares this new session; a different body is a conflict at once.
+        If that preparation failed with an error the client sees (400, 429, 503...), the waiters get the
+        same error; if it ended otherwise (its task cancelled), the waiters try again themselves."""
+        while (claim := self._claims.get(session_id)) is not None:
+            if claim.fingerprint != fingerprint:
+                raise conflict(session_id)
+            await claim.settled.wait()
+            if claim.error is not None:
+                e = claim.error
+                raise APIError(e.status, e.message, e.type, e.param, e.code, dict(e.headers))
+
+    async def _create(self, session_id: str, body: dict, fingerprint: str, start: Start) -> tuple[str, int]:
+        claim = self._claims[session_id] = Claim(fingerprint)
+        try:
+            generation, stream = await start(session_id)
+            self._record(session_id, body, fingerprint, generation, stream)
+        except APIError as exc:
+            claim.error = exc
+            raise
+        finally:
+            del self._claims[session_id]
+            claim.settled.set()
+        return session_id, -1
+
+    def _record(self, session_id: str, body: dict, fingerprint: str, generation: Generation,
+                stream: ChatStream) -> None:
+        """Store a new session and run its generation (already submitted)."""
+        record = SessionRecord(session_id, fingerprint, json.dumps(body), stream.created)
+        try:
+            self.store.create(record)
+        except BaseException:
             generation.cancel()
-            raise APIError(409, f"session {session_id!r} already exists", "invalid_request_error",
-                           "session_id", "session_conflict")
-        record = SessionRecord(session_id, request_fingerprint(body), json.dumps(body), stream.created)
-        self.store.create(record)
+            raise
         self._launch(record, self._started(generation, stream))
 
     @staticmethod
@@ -213,7 +315,7 @@ class SessionManager:
                                 ChunkEvent(DONE)])
         finally:
             if not asyncio.current_task().cancelling():
-                self.store.set_state(record.session_id, state)
+                self._forget(self.store.set_state(record.session_id, state))
             live.generation = None
             if live.cancel_timer:
                 live.cancel_timer.cancel()
@@ -231,18 +333,19 @@ class SessionManager:
 
     # ---- reading -------------------------------------------------------------------------
     async def follow(self, session_id: str, after: int) -> AsyncIterator[str]:
-        """SSE text from index after+1 to `[DONE]`, with pings while waiting."""
+        """SSE text from index after+1 to `[DONE]`, with pings while waiting. At shutdown it stops
+        between two events, so that the client has whole events only and can resume."""
         live = self.live.get(session_id)
         if live:
             self._client_joined(live)
         try:
-            while True:
+            while not self._readers_end.is_set():
                 waiter = live.changed if live else None
                 events = self.store.read(session_id, after)
                 for event in events:
                     yield sse(session_id, event)
                     after = event.index
-                    if event.data == DONE:
+                    if event.data == DONE or self._readers_end.is_set():
                         return
                 record = self.store.get(session_id)
                 if record is None or (record.state in TERMINAL and not events and
@@ -250,21 +353,24 @@ class SessionManager:
                     return
                 if waiter is None:
                     live = self.live.get(session_id)
-                    if live is None:
-                        await asyncio.sleep(self.ping_seconds)
-                        yield ": ping\n\n"
+                    if live is not None:
+                        self._client_joined(live)
                         continue
-                    self._client_joined(live)
-                    continue
-                try:
-                    await asyncio.wait_for(waiter.wait(), timeout=self.ping_seconds)
-                except asyncio.TimeoutError:
+                if not await self._news(waiter):
                     yield ": ping\n\n"
         except EventsGone:
             return  # evicted while this reader lagged behind: close; the client resumes and gets a 410
         finally:
             if live:
                 self._client_left(live)
+
+    async def _news(self, waiter: asyncio.Event | None) -> bool:
+        """Waits for the session to change (or for shutdown); False when ping_seconds passed quietly."""
+        try:
+            await asyncio.wait_for((waiter or self._readers_end).wait(), timeout=self.ping_seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     def _client_joined(self, live: LiveSession) -> None:
         live.clients += 1
@@ -274,7 +380,9 @@ class SessionManager:
 
     def _client_left(self, live: LiveSession) -> None:
         live.clients -= 1
-        if live.clients == 0 and self.cancel_after_seconds and live.generation is not None:
+        # Readers ended by a shutdown did not leave: their clients come back after the restart.
+        if live.clients == 0 and self.cancel_after_seconds and live.generation is not None \
+                and not self._readers_end.is_set():
             self._arm_auto_cancel(live)
 
     def _arm_auto_cancel(self, live: LiveSession) -> None:

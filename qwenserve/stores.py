@@ -67,10 +67,12 @@ class EventStore(ABC):
     def token_ids(self, session_id: str) -> list[int]: ...
 
     @abstractmethod
-    def set_state(self, session_id: str, state: str) -> None: ...
+    def set_state(self, session_id: str, state: str) -> list[str]:
+        """Returns the sessions the store dropped to stay within its limits (now unknown)."""
 
     @abstractmethod
-    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]: ...
+    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]:
+        """Drops finished sessions past the TTL (and any a limit no longer allows); returns their ids."""
 
     @abstractmethod
     def unfinished(self) -> list[SessionRecord]: ...
@@ -80,18 +82,22 @@ class EventStore(ABC):
 
 
 class MemoryStore(EventStore):
-    """A ring buffer of the last `buffer_events` events per session."""
+    """A ring buffer of the last `buffer_events` events per session. Finished sessions are kept up to
+    `max_finished` of them and `max_finished_bytes` of event data, the oldest finished evicted first.
+    The request body is not kept: nothing reads it back, since nothing in memory survives a restart."""
 
-    def __init__(self, buffer_events: int):
+    def __init__(self, buffer_events: int, max_finished: int = 1024, max_finished_bytes: int = 256 * 1024 * 1024):
         self.buffer_events = buffer_events
+        self.max_finished = max_finished
+        self.max_finished_bytes = max_finished_bytes
         self._records: dict[str, SessionRecord] = {}
         self._events: dict[str, deque[StoredEvent]] = {}
-        self._ids: dict[str, list[int]] = {}
+        self._finished: dict[str, int] = {}  # finished sessions, oldest first -> bytes of their events
+        self._finished_bytes = 0
 
     def create(self, record: SessionRecord) -> None:
-        self._records[record.session_id] = replace(record)
+        self._records[record.session_id] = replace(record, request_json="")
         self._events[record.session_id] = deque(maxlen=self.buffer_events)
-        self._ids[record.session_id] = []
 
     def get(self, session_id: str) -> SessionRecord | None:
         record = self._records.get(session_id)
@@ -100,8 +106,6 @@ class MemoryStore(EventStore):
     def append(self, session_id: str, events: list[StoredEvent]) -> None:
         self._events[session_id].extend(events)
         self._records[session_id].event_count += len(events)
-        for event in events:
-            self._ids[session_id].extend(event.token_ids)
 
     def oldest_index(self, session_id: str) -> int:
         buffer = self._events.get(session_id)
@@ -117,19 +121,46 @@ class MemoryStore(EventStore):
         return list(buffer)[max(after + 1 - oldest, 0):]
 
     def token_ids(self, session_id: str) -> list[int]:
-        return list(self._ids.get(session_id, []))
+        # Only a restart asks for these, and no memory session outlives one: the kept events suffice.
+        return [t for event in self._events.get(session_id, ()) for t in event.token_ids]
 
-    def set_state(self, session_id: str, state: str) -> None:
+    def set_state(self, session_id: str, state: str) -> list[str]:
         record = self._records[session_id]
         record.state = state
         record.finished_at = time.time() if state in TERMINAL else None
+        self._unlist(session_id)
+        if state not in TERMINAL:
+            return []
+        size = sum(len(event.data.encode()) for event in self._events[session_id])
+        self._finished[session_id] = size
+        self._finished_bytes += size
+        # The session that just finished is spared: its readers are still taking its last events.
+        # A limit it breaks alone (0, or fewer bytes than it holds) drops it at the next janitor pass.
+        return self._evict(spare=session_id)
+
+    def _evict(self, spare: str | None = None) -> list[str]:
+        gone = []
+        for sid in list(self._finished):
+            if sid == spare or (len(self._finished) <= self.max_finished
+                                and self._finished_bytes <= self.max_finished_bytes):
+                break
+            self._drop(sid)
+            gone.append(sid)
+        return gone
+
+    def _unlist(self, session_id: str) -> None:
+        self._finished_bytes -= self._finished.pop(session_id, 0)
+
+    def _drop(self, session_id: str) -> None:
+        self._unlist(session_id)
+        del self._records[session_id], self._events[session_id]
 
     def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         gone = [sid for sid, r in self._records.items() if r.finished_at and r.finished_at + ttl_seconds <= now]
         for sid in gone:
-            del self._records[sid], self._events[sid], self._ids[sid]
-        return gone
+            self._drop(sid)
+        return gone + self._evict()
 
     def unfinished(self) -> list[SessionRecord]:
         return []  # nothing survives a restart in memory
@@ -188,10 +219,11 @@ class SQLiteStore(EventStore):
         rows = self.conn.execute("SELECT token_ids FROM events WHERE session_id=? ORDER BY idx", (session_id,))
         return [t for (ids,) in rows for t in json.loads(ids)]
 
-    def set_state(self, session_id: str, state: str) -> None:
+    def set_state(self, session_id: str, state: str) -> list[str]:
         finished_at = time.time() if state in TERMINAL else None
         self.conn.execute("UPDATE sessions SET state=?, finished_at=? WHERE session_id=?",
                           (state, finished_at, session_id))
+        return []  # on disk: only the TTL limits what is kept
 
     def delete_expired(self, ttl_seconds: float, now: float | None = None) -> list[str]:
         cutoff = (time.time() if now is None else now) - ttl_seconds
