@@ -32,10 +32,13 @@ CHAT_TEMPLATE = (
     "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if THINKING -%}"
+    "THINKING_PROMPT"
+    "{%- endif -%}"
+)
+# Thinking templates open <think> in the prompt; instruct ones never mention it (as Qwen3-*-Instruct).
+THINKING_PROMPT = (
     "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
     "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
-    "{%- endif -%}{%- endif -%}"
 )
 
 # Replies of the designed checkpoints, as tokens. "\n" ends every generation prompt, so it starts
@@ -70,7 +73,7 @@ def build_tokenizer(words: list[str] = WORDS, thinking: bool = True, added: tupl
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_tokens(THINK_TOKENS + list(added))
-    template = CHAT_TEMPLATE.replace("THINKING", "true" if thinking else "false")
+    template = CHAT_TEMPLATE.replace("THINKING_PROMPT", THINKING_PROMPT if thinking else "")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", chat_template=template)
 

@@ -99,7 +99,7 @@ async def prepare(engine: Engine, settings: Settings, request: ChatCompletionReq
         prompt = await _build_prompt(engine, request, messages, media_loader)
         params = sampling_params(request, settings, len(prompt.input_ids), engine.context_length)
         if grammar is not None:
-            params.constraint = partial(grammar.matcher, reasoning_mode(prompt.text, engine.constraints.may_think))
+            params.constraint = partial(grammar.matcher, reasoning_mode(prompt.text, engine.may_think))
     except BaseException:
         slot.release()
         raise

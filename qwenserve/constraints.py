@@ -5,9 +5,10 @@ spec (from `response_format_spec` or `tool_call_spec`) into a cached `Grammar`; 
 own `RowConstraint` from `grammar.matcher(reasoning)`, which the decode loop asks for a mask before
 sampling and tells every token it accepts. Only this module knows the library (llguidance).
 
-Reasoning is never constrained: a row whose prompt opened `<think>` (or whose model opens it as
-its first token) runs unmasked until `</think>`; then up to two newlines (the template's separator)
-may precede the answer, which the grammar constrains from its first token.
+Reasoning is never constrained, but it cannot end the turn: a row whose prompt opened `<think>`
+(or whose model opens it as its first token) may write anything but the end token until
+`</think>`; then up to two newlines (the template's separator) may precede the answer, which the
+grammar constrains from its first token.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import json
 import threading
 from collections import OrderedDict
+from functools import cached_property
 
 import llguidance
 import numpy as np
@@ -114,6 +116,13 @@ class ConstraintFactory:
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    @cached_property
+    def reasoning_mask(self) -> torch.Tensor:
+        """While a row reasons: anything but the end of turn."""
+        mask = torch.ones(self.vocab_size, dtype=torch.bool)
+        mask[[i for i in self.eos_ids if i < self.vocab_size]] = False
+        return mask
 
     @property
     def may_think(self) -> bool:
@@ -229,11 +238,12 @@ class RowConstraint:
         """Nothing but EOS can follow."""
         return self._phase == _ANSWER and self._matcher.is_stopped()
 
-    def allowed_mask(self) -> torch.Tensor | None:
-        """Bool mask over the model's vocabulary (CPU), or None while reasoning (no constraint).
-        Cached until the next `accept`, so it may be computed ahead, e.g. during the forward pass."""
+    def allowed_mask(self) -> torch.Tensor:
+        """Bool mask over the model's vocabulary (CPU). While reasoning every token but the end of
+        turn is allowed: the answer must still come. Cached until the next `accept`, so it may be
+        computed ahead, e.g. during the forward pass."""
         if self._phase == _REASONING:
-            return None
+            return self._factory.reasoning_mask
         if self._mask is None:
             self._mask = self._compute_mask()
         return self._mask
@@ -244,7 +254,7 @@ class RowConstraint:
         mask leaves out: another spelling of text the grammar forces (the mask keeps the canonical one)."""
         factory = self._factory
         if self._phase == _REASONING:
-            return True
+            return token_id not in factory.eos_ids
         if token_id in factory.eos_ids:
             return self._matcher.is_accepting()
         if self._phase == _FIRST and token_id == factory._ids[THINK_START]:
@@ -254,11 +264,8 @@ class RowConstraint:
         return self._matcher.validate_tokens([token_id]) == 1
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """One row of logits with disallowed tokens at -inf (same tensor when unconstrained)."""
-        mask = self.allowed_mask()
-        if mask is None:
-            return logits
-        mask = mask.to(logits.device, non_blocking=True)
+        """One row of logits with disallowed tokens at -inf."""
+        mask = self.allowed_mask().to(logits.device, non_blocking=True)
         if logits.shape[-1] != mask.shape[0]:
             mask = _resize(mask, logits.shape[-1])
         return torch.where(mask, logits, float("-inf"))

@@ -175,7 +175,8 @@ def test_reasoning_is_never_constrained(model, factory):
     design(model, *THINKS_THEN_TEXT)
     grammar = factory.compile(response_format_spec({"type": "json_object"}))
     row = grammar.matcher(REASONING_OPEN)
-    assert row.in_reasoning and row.allowed_mask() is None
+    mask = row.allowed_mask()
+    assert row.in_reasoning and int((~mask).sum()) == len(EOS_IDS) and not any(mask[i] for i in EOS_IDS)
     ids = generate(model, row)
     assert text_of(ids) == 'Let me think</think>\n\n{"Hello!": "Hello!"}'
 
@@ -379,3 +380,16 @@ def test_reasoning_mode_from_prompts():
     assert reasoning_mode(plain, True) == REASONING_OPTIONAL
     assert reasoning_mode(plain, False) == REASONING_NONE
     assert reasoning_mode(history, True) == REASONING_OPTIONAL
+
+
+def test_reasoning_cannot_end_the_turn_before_the_answer(model, factory):
+    """A model that would end its turn inside the reasoning must still reach the constrained answer."""
+    prefs = {**PREFERS_TEXT[1], "Let": [("</think>", 10)]}
+    design(model, ["<think>", "Let", "<|im_end|>"], prefs)
+    free = generate(model)
+    assert text_of(free) == "<think>Let" and free[-1] in EOS_IDS  # free: the turn ends inside the reasoning
+    grammar = factory.compile(response_format_spec({"type": "json_object"}))
+    ids = generate(model, grammar.matcher(REASONING_OPTIONAL), max_tokens=40)
+    text = text_of(ids)
+    assert text.startswith("<think>Let</think>") and ids[-1] in EOS_IDS
+    assert isinstance(json.loads(text.split("</think>")[1]), dict)

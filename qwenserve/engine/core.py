@@ -82,6 +82,10 @@ class Engine(InferenceLoop):
         return self.loaded.constraints if self.loaded else None
 
     @property
+    def may_think(self) -> bool:
+        return bool(self.loaded and self.loaded.may_think)
+
+    @property
     def token_bytes(self):
         return self.loaded.token_bytes
 

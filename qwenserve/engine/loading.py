@@ -31,6 +31,14 @@ class LoadedModel:
     constraints: ConstraintFactory | None  # None: structured outputs unavailable (logged at load)
 
     @property
+    def may_think(self) -> bool:
+        """The model may open `<think>` itself: its vocabulary has the token and its template speaks of
+        it (Qwen3 hybrids do; Qwen3-*-Instruct templates never mention it)."""
+        template = getattr(self.processor or self.tokenizer, "chat_template", None)
+        return bool(self.constraints and self.constraints.may_think and isinstance(template, str)
+                    and "<think>" in template)
+
+    @property
     def device(self):
         return self.model.device
 
