@@ -3,7 +3,8 @@
 Builds (once) a Qwen3-VL checkpoint whose text model has about 140M parameters and designed weights
 that never emit the end token, then measures in one run:
   ceiling  in-process `model.generate` on batches of 1, 8 and 16 identical prompts (greedy)
-  server   `python main.py` on the same checkpoint: 1, 8 and 16 concurrent greedy streams
+  server   `python main.py` on the same checkpoint: 1, 8 and 16 concurrent greedy streams, and 8
+           streams with a JSON schema (constrained decoding) against 8 without
   memory   the server's peak RSS, and its RSS across two rounds of 1000 short requests
   peer     `transformers serve` on the same checkpoint, when it can run here
 and prints a table with ratios to the ceiling (also written to bench-results/latest.md).
@@ -88,10 +89,17 @@ def wait_ready(url: str, proc: subprocess.Popen, ours: bool = True, timeout: flo
     raise TimeoutError(url)
 
 
-def one_stream(url: str, model: str, max_tokens: int = TOKENS) -> tuple[float, float, float, int]:
+# The constraint's cost: an answer that must match this schema. The bench model never writes JSON, so
+# its choice is refused at every step and the full mask is built every step: the worst case.
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}}}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # the answer (constrained) starts at once
+
+
+def one_stream(url: str, model: str, max_tokens: int = TOKENS, **extra) -> tuple[float, float, float, int]:
     """(start, first token time, end, completion tokens) of one greedy stream."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     first, tokens, chunks = None, 0, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -109,17 +117,32 @@ def one_stream(url: str, model: str, max_tokens: int = TOKENS) -> tuple[float, f
     return start, first or time.perf_counter(), time.perf_counter(), tokens or chunks
 
 
+def concurrent_streams(url: str, model: str, concurrency: int, **extra) -> tuple[float, list]:
+    """Aggregate tokens/s of `concurrency` streams started together, and the runs."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        runs = list(pool.map(lambda _: one_stream(url, model, **extra), range(concurrency)))
+    begin, end = min(r[0] for r in runs), max(r[2] for r in runs)
+    return sum(r[3] for r in runs) / (end - begin), runs
+
+
 def measure_streams(url: str, model: str) -> dict:
     one_stream(url, model, 4)  # warm-up
     results = {}
     for concurrency in CONCURRENCY:
-        with ThreadPoolExecutor(concurrency) as pool:
-            runs = list(pool.map(lambda _: one_stream(url, model), range(concurrency)))
-        begin, end = min(r[0] for r in runs), max(r[2] for r in runs)
-        results[concurrency] = sum(r[3] for r in runs) / (end - begin)
+        results[concurrency], runs = concurrent_streams(url, model, concurrency)
         if concurrency == 1:
             results["ttft"] = runs[0][1] - runs[0][0]
     return results
+
+
+def constraint_cost(url: str, model: str, rounds: int = 2) -> dict:
+    """8 streams with a JSON schema against 8 without, interleaved, each the mean of `rounds`."""
+    one_stream(url, model, 4, response_format=SCHEMA_FORMAT, **NO_THINKING)  # compiles the grammar
+    plain, schema = [], []
+    for _ in range(rounds):
+        plain.append(concurrent_streams(url, model, 8, **NO_THINKING)[0])
+        schema.append(concurrent_streams(url, model, 8, response_format=SCHEMA_FORMAT, **NO_THINKING)[0])
+    return {"plain": sum(plain) / rounds, "schema": sum(schema) / rounds}
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -157,6 +180,7 @@ def serve_ours(path: Path) -> dict:
     try:
         wait_ready(url, proc)
         results = measure_streams(url, "bench")
+        results["constraint"] = constraint_cost(url, "bench")
         results["peak_rss_mib"] = rss_kib(proc.pid, "VmHWM") / 1024
         results["rss_mib"] = [kib / 1024 for kib in memory_growth(url, proc.pid)]
         return results
@@ -217,6 +241,9 @@ def table(raw: dict, ours: dict, peer) -> str:
     lines.append(f"| peak RSS, MiB | | {ours['peak_rss_mib']:.0f} | | |")
     rss = " / ".join(f"{v:.0f}" for v in ours["rss_mib"])
     lines.append(f"| RSS after warm-up / +1000 / +2000 requests, MiB | | {rss} | | no growth |")
+    cost = ours["constraint"]
+    lines.append(f"| 8 streams without / with a JSON schema, tokens/s | | {cost['plain']:.1f} / {cost['schema']:.1f} | "
+                 f"{cost['schema'] / cost['plain']:.2f} | >= 0.90 |")
     if isinstance(peer, dict):
         lines.append(f"| `transformers serve`, 1 / 8 streams tokens/s | | {peer[1]:.1f} / {peer[8]:.1f} | "
                      f"ours at 8: {ours[8] / peer[8]:.1f}x | |")
