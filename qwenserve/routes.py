@@ -62,10 +62,14 @@ async def _complete(request: Request, svc, chat: ChatCompletionRequest):
             stream.feed(output)
 
     collector = asyncio.create_task(collect())
-    while not collector.done():
-        await asyncio.wait({collector}, timeout=0.25)
-        if not collector.done() and await request.is_disconnected():
-            generation.cancel()  # nobody is waiting for this answer any more
+    try:
+        while not collector.done():
+            await asyncio.wait({collector}, timeout=0.25)
+            if not collector.done() and await request.is_disconnected():
+                generation.cancel()  # nobody is waiting for this answer any more
+    except asyncio.CancelledError:  # the handler itself was cancelled (shutdown): so is its generation
+        generation.cancel()
+        raise
     collector.result()
     if stream.error:
         raise APIError(500, stream.error, "server_error", code="generation_failed")

@@ -154,7 +154,8 @@ def test_images_in_several_messages(media_server):
 def test_exif_orientation_is_applied(media_server):
     # Token counts cannot see a rotation, so the decoder is checked directly, then the server path.
     from qwenserve.config import Settings
-    from qwenserve.media import MediaPart, decode_image
+    from qwenserve.media.images import decode_image
+    from qwenserve.media.parts import MediaPart
 
     part = MediaPart("image", "p", "")
     assert decode_image(jpeg_with_orientation(60, 40, 6), part, Settings(_env_file=None)).size == (40, 60)

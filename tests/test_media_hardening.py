@@ -132,7 +132,7 @@ def test_video_frame_size_limit(server):
 @pytest.mark.parametrize("lie", [None, 0, -3, 5])
 def test_frame_sampler_keeps_a_bounded_evenly_spread_set(lie):
     """lie: no frame count in the header (None), the true count (0), or one that much off."""
-    from qwenserve.media import FrameSampler
+    from qwenserve.media.videos import FrameSampler
 
     for budget in (2, 4, 16):
         for total in (1, 2, 3, budget * 2, budget * 2 + 1, 100, 1000):
@@ -155,7 +155,8 @@ def test_frame_sampler_keeps_a_bounded_evenly_spread_set(lie):
 
 def test_opencv_fallback_has_the_same_limits():
     from qwenserve.config import Settings
-    from qwenserve.media import MediaPart, _decode_with_opencv
+    from qwenserve.media.parts import MediaPart
+    from qwenserve.media.videos import _decode_with_opencv
     from qwenserve.protocol import APIError
 
     settings = Settings(_env_file=None, max_image_pixels=1_000_000, max_video_frames=4, max_video_decoded_frames=20)
@@ -207,7 +208,7 @@ def test_good_options_still_lower_the_budget(server):
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 10**400], ids=["inf", "-inf", "nan", "1e400"])
 def test_non_finite_options_reached_another_way(value):
-    from qwenserve.media import _describe
+    from qwenserve.media.parts import _describe
     from qwenserve.protocol import APIError
 
     for name in ("fps", "max_frames", "max_pixels"):
