@@ -271,3 +271,25 @@ def test_a_call_cut_by_max_tokens_is_text_with_finish_length(tool_servers):
     assert "tool_calls" not in choice["message"]
     sse = stream(server.url, ask(max_tokens=2, stream=True))[1]
     assert sse.text() == cut and finish_reasons(sse.chunks()) == ["length"]
+
+
+def test_n_choices_continue_after_kill_and_restart(server_factory, endless_ckpt, tmp_path):
+    """One session holds all choices: after kill -9 each choice continues where it stopped."""
+    from .test_persistence import read_then_kill
+
+    server = server_factory(endless_ckpt, PERSIST_SESSIONS=1, SESSIONS_DB_PATH=tmp_path / "s.db",
+                            CANCEL_AFTER_DISCONNECT_SECONDS=0)
+    body = chat_body(n=2, stream=True, max_tokens=300, temperature=0, session_id="two-choices",
+                     stream_options={"include_usage": True})
+    seen = read_then_kill(server, body, {}, 60)
+    server.start()
+    rest = stream(server.url, body, headers={"Last-Event-ID": seen.ids[-1]}, timeout=300)[1]
+    events = seen.events + rest.events
+    assert [int(i.rsplit(":", 1)[1]) for i, _ in events] == list(range(len(events)))
+    chunks = [json.loads(data) for _, data in events if data != "[DONE]"]
+    texts = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("reasoning_content") or ""
+    assert texts[0] == texts[1] == " tick tock" * 150  # greedy: both choices follow the designed cycle
+    assert chunks[-1]["usage"]["completion_tokens"] == 600
