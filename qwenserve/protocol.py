@@ -317,7 +317,9 @@ class ChatCompletionRequest(BaseModel):
         """Characters of text the template will render (messages, reasoning, calls, tools, template
         variables): the cheap bound checked before any tokenizing."""
         total = sum(message.text_chars() for message in self.messages)
-        extras = [tool.model_dump(exclude_none=True) for tool in self.tools or []] + [self.chat_template_kwargs or {}]
+        extras = [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+        if self.chat_template_kwargs:
+            extras.append(self.chat_template_kwargs)
         return total + sum(len(json.dumps(extra)) for extra in extras)
 
     def stop_list(self) -> list[str]:

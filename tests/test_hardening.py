@@ -241,7 +241,7 @@ def test_a_failing_row_fails_alone(poisoned_server):
     for sse in (results[0], results[2]):
         finish = [c for c in sse.chunks() if c["choices"] and c["choices"][0]["finish_reason"]]
         assert finish[-1]["choices"][0]["finish_reason"] == "length"
-        assert sse.text().count(" tick") == 20
+        assert sse.text("reasoning_content").count(" tick") == 20  # a thinking model: all reasoning
     poisoned = results[1].chunks()
     assert poisoned[-1]["error"]["code"] == "generation_failed"
     assert "injected sampling fault" in poisoned[-1]["error"]["message"]
@@ -263,7 +263,7 @@ def test_a_failing_prefill_fails_alone(endless_ckpt, monkeypatch):
         results = _stream_texts(server, bodies)
     finally:
         server.stop()
-    assert [r.text().count(" tick") for i, r in enumerate(results) if i != 1] == [5, 5, 5]
+    assert [r.text("reasoning_content").count(" tick") for i, r in enumerate(results) if i != 1] == [5, 5, 5]
     assert results[1].chunks()[-1]["error"]["code"] == "generation_failed"
 
 
