@@ -19,10 +19,13 @@ from .config import Settings, get_settings
 from .engine import Engine
 from .media import MediaLoader
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, error_body, validation_to_api_error
+from .protocol import (APIError, ChatCompletionRequest, chat_request_from, error_body, parse_json_object,
+                       validation_to_api_error)
+from .response_routes import Responses
+from .response_routes import router as responses_router
 from .routes import router
 from .sessions import SessionManager
-from .stores import MemoryStore, SessionRecord, SQLiteStore
+from .stores import RESPONSE, MemoryStore, SessionRecord, SQLiteStore
 
 log = logging.getLogger("qwenserve")
 
@@ -44,15 +47,23 @@ class Services:
                              settings.sessions_max_finished_bytes)
         self.sessions = SessionManager(store, self.continue_session, settings.sessions_ttl_seconds,
                                        settings.cancel_after_disconnect_seconds, settings.sse_ping_seconds,
-                                       self.metrics, settings.max_json_depth)
+                                       self.metrics, settings.responses_ttl_seconds)
+        self.responses = Responses(self)
 
     async def prepare(self, request: ChatCompletionRequest, continuing: bool = False, rows: int | None = None):
         loader = self.media.load if self.engine.is_multimodal else None
         return await prepare(self.engine, self.settings, request, loader, continuing, rows)
 
-    async def continue_session(self, request: ChatCompletionRequest, record: SessionRecord, resume_ids: list[int]):
-        """Restart a persisted session's generation after a restart, from the tokens each choice had
-        produced; choices whose final chunk was stored only count for usage and the end."""
+    async def continue_session(self, record: SessionRecord, resume_ids: list[int]):
+        """Restart a persisted session's generation after a restart, from the tokens it had produced."""
+        if record.kind == RESPONSE:
+            return await self.responses.continue_response(record, resume_ids)
+        request = chat_request_from(parse_json_object(record.request_json, self.settings.max_json_depth))
+        return await self.continue_chat(request, record, resume_ids)
+
+    async def continue_chat(self, request: ChatCompletionRequest, record: SessionRecord, resume_ids: list[int]):
+        """From the tokens each choice had produced; choices whose final chunk was stored only count for
+        usage and the end."""
         while not self.engine.ready.is_set() and not self.engine.error:
             await asyncio.sleep(0.1)
         progress = {0: (resume_ids, None)} if request.n == 1 else \
@@ -84,6 +95,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="qwenserve", lifespan=lifespan)
     app.state.services = Services(settings, engine)
     app.include_router(router)
+    app.include_router(responses_router)
     _install_error_handlers(app)
     _install_guards(app, settings)
     return app

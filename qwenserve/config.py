@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     persist_sessions: bool = False
     sessions_db_path: str = "sessions.db"
     sessions_ttl_seconds: float = Field(600, ge=0)
+    responses_ttl_seconds: float = Field(3600, ge=0)
     sessions_buffer_events: int = Field(4096, ge=8)
     sessions_max_finished: int = Field(1024, ge=0)
     sessions_max_finished_bytes: int = Field(256 * 1024 * 1024, ge=0)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .completions import open_stream
 from .protocol import APIError, ChatCompletionRequest, chat_request_from, models_body, parse_json_object
-from .sessions import new_session_id
+from .sse import new_session_id
 
 router = APIRouter()
 

@@ -11,48 +11,25 @@ import asyncio
 import hashlib
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 from .completions import DONE, ChatStream, ChunkEvent
 from .engine import Generation
-from .protocol import APIError, ChatCompletionRequest, chat_request_from, parse_json_object
-from .stores import (CANCELLED, FAILED, FINISHED, RUNNING, TERMINAL, EventsGone, EventStore, SessionRecord,
-                     StoredEvent)
+from .protocol import APIError, ChatCompletionRequest
+from .sse import chat_failure, new_session_id, parse_last_event_id, request_fingerprint, sse
+from .stores import (CANCELLED, CHAT, FAILED, FINISHED, RUNNING, TERMINAL, EventsGone, EventStore,
+                     SessionRecord, StoredEvent)
 
 log = logging.getLogger("qwenserve.sessions")
 
-# Starts a generation for a request: returns the engine job and the chunk builder for it.
-Starter = Callable[[ChatCompletionRequest, SessionRecord, list[int]], Awaitable[tuple[Generation, ChatStream]]]
+# Starts a stored session's generation again after a restart, from the tokens it had produced: reads its
+# request back (chat or response, by `record.kind`) and returns the engine job and the event builder.
+Starter = Callable[[SessionRecord, list[int]], Awaitable[tuple[Generation, ChatStream]]]
+# The events that end a session whose generation could not run: an error chunk and `[DONE]` for chat.
+FailureEvents = Callable[[SessionRecord, str], list[ChunkEvent]]
 # Prepares and submits a new stream's request under the given session id.
 Start = Callable[[str], Awaitable[tuple[Generation, ChatStream]]]
-
-
-def new_session_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def request_fingerprint(body: dict) -> str:
-    """What makes two requests the same stream: the body without the session id."""
-    canonical = {k: v for k, v in body.items() if k != "session_id"}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def parse_last_event_id(value: str) -> tuple[str, int]:
-    session_id, sep, index = value.rpartition(":")
-    try:
-        k = int(index)
-    except ValueError:
-        k = None
-    if not sep or not session_id or k is None or k < -1:
-        raise APIError(400, "Last-Event-ID must look like '<session_id>:<index>' with an index >= -1",
-                       param="Last-Event-ID", code="invalid_last_event_id")
-    return session_id, k
-
-
-def sse(session_id: str, event: StoredEvent) -> str:
-    return f"id: {session_id}:{event.index}\ndata: {event.data}\n\n"
 
 
 @dataclass
@@ -66,6 +43,8 @@ class LiveSession:
     cancel_timer: asyncio.TimerHandle | None = None
     next_index: int = 0
     cancel_requested: bool = False
+    auto_cancel: bool = True  # False for background responses: they run whether or not anyone reads
+    deleted: bool = False  # deleted while generating: dropped from the store when the producer ends
 
     def notify(self) -> None:
         self.changed.set()
@@ -88,14 +67,18 @@ def conflict(session_id: str) -> APIError:
 
 class SessionManager:
     def __init__(self, store: EventStore, starter: Starter, ttl_seconds: float, cancel_after_seconds: float,
-                 ping_seconds: float, metrics=None, max_json_depth: int = 64):
+                 ping_seconds: float, metrics=None, response_ttl_seconds: float | None = None):
         self.store = store
+        self.response_ttl_seconds = response_ttl_seconds
+        # Per session kind: the events that end a failed session, and the event names that end a stream
+        # (besides `[DONE]`); the Responses module registers its own.
+        self.failure_events: dict[str, FailureEvents] = {CHAT: chat_failure}
+        self.final_events: set[str] = set()
         self.starter = starter
         self.ttl_seconds = ttl_seconds
         self.cancel_after_seconds = cancel_after_seconds
         self.ping_seconds = ping_seconds
         self.metrics = metrics
-        self.max_json_depth = max_json_depth
         self.live: dict[str, LiveSession] = {}
         self._claims: dict[str, Claim] = {}
         self._janitor: asyncio.Task | None = None
@@ -121,15 +104,17 @@ class SessionManager:
         except Exception:  # unreadable events: the continuation fails too, and says so to the readers
             log.exception("session %s: stored events unreadable", record.session_id)
             return False
-        return bool(last) and last[-1].data == DONE
+        return bool(last) and self.is_final(last[-1])
+
+    def is_final(self, event: StoredEvent) -> bool:
+        return event.data == DONE or event.event in self.final_events
 
     async def _continue(self, record: SessionRecord) -> tuple[Generation, ChatStream]:
         """A stored session's generation again, its request read back through the parser the door uses.
         Any failure (a request the server no longer accepts, a preparation that fails) fails this
         session only: `_produce` gives its readers an error event and `[DONE]`."""
         try:
-            request = chat_request_from(parse_json_object(record.request_json, self.max_json_depth))
-            return await self.starter(request, record, self.store.token_ids(record.session_id))
+            return await self.starter(record, self.store.token_ids(record.session_id))
         except Exception as exc:
             reason = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
             raise APIError(500, f"the session could not be continued after a restart: {reason}",
@@ -169,11 +154,12 @@ class SessionManager:
         self.store.close()
 
     async def _expire_loop(self) -> None:
-        interval = max(0.2, min(self.ttl_seconds / 2, 30.0))
+        interval = max(0.2, min(self.ttl_seconds / 2, (self.response_ttl_seconds or 60.0) / 2, 30.0))
         while True:
             await asyncio.sleep(interval)
             try:
-                self._forget(self.store.delete_expired(self.ttl_seconds))
+                self._forget(self.store.delete_expired(self.ttl_seconds,
+                                                       response_ttl_seconds=self.response_ttl_seconds))
             except Exception:
                 log.exception("session expiry failed")
 
@@ -240,10 +226,19 @@ class SessionManager:
             claim.settled.set()
         return session_id, -1
 
-    def _record(self, session_id: str, body: dict, fingerprint: str, generation: Generation,
-                stream: ChatStream) -> None:
+    async def create(self, session_id: str, request_json: str, start: Start, kind: str,
+                     background: bool = False) -> None:
+        """A new session under a server-made id (responses): no claim is needed, nobody else knows the id."""
+        generation, stream = await start(session_id)
+        fingerprint = hashlib.sha256(request_json.encode()).hexdigest()
+        self._record(session_id, request_json, fingerprint, generation, stream, kind, background)
+
+    def _record(self, session_id: str, body: dict | str, fingerprint: str, generation: Generation,
+                stream: ChatStream, kind: str = CHAT, background: bool = False) -> None:
         """Store a new session and run its generation (already submitted)."""
-        record = SessionRecord(session_id, fingerprint, json.dumps(body), stream.created)
+        request_json = body if isinstance(body, str) else json.dumps(body)
+        record = SessionRecord(session_id, fingerprint, request_json, stream.created, kind=kind,
+                               background=background)
         try:
             self.store.create(record)
         except BaseException:
@@ -257,7 +252,8 @@ class SessionManager:
 
     def _known(self, session_id: str) -> SessionRecord:
         record = self.store.get(session_id)
-        if record is None:
+        live = self.live.get(session_id)
+        if record is None or (live is not None and live.deleted):
             raise APIError(404, f"session {session_id[:128]!r} is unknown or has expired", "not_found_error",
                            "session_id", "session_not_found")
         return record
@@ -286,8 +282,9 @@ class SessionManager:
     def _launch(self, record: SessionRecord, starting: Awaitable[tuple[Generation, ChatStream]]) -> None:
         live = self.live.setdefault(record.session_id, LiveSession(record.session_id))
         live.next_index = record.event_count
+        live.auto_cancel = not record.background
         live.task = asyncio.create_task(self._produce(live, record, starting))
-        if self.cancel_after_seconds and record.event_count:
+        if self.cancel_after_seconds and record.event_count and live.auto_cancel:
             self._arm_auto_cancel(live)  # resumed after a restart: nobody is listening yet
 
     async def _produce(self, live: LiveSession, record: SessionRecord,
@@ -310,11 +307,12 @@ class SessionManager:
         except Exception as exc:
             message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
             log.warning("session %s failed: %s", record.session_id, message)
-            self._append(live, [ChunkEvent({"error": {"message": message[:500], "type": "server_error",
-                                                      "param": None, "code": "generation_failed"}}),
-                                ChunkEvent(DONE)])
+            self._append(live, self.failure_events[record.kind](record, message))
         finally:
-            if not asyncio.current_task().cancelling():
+            if live.deleted:
+                self.store.delete(record.session_id)
+                self._forget([record.session_id])
+            elif not asyncio.current_task().cancelling():
                 self._forget(self.store.set_state(record.session_id, state))
             live.generation = None
             if live.cancel_timer:
@@ -326,7 +324,7 @@ class SessionManager:
             return
         stored = []
         for event in events:
-            stored.append(StoredEvent(live.next_index, event.data(), event.token_ids))
+            stored.append(StoredEvent(live.next_index, event.data(), event.token_ids, getattr(event, "event", None)))
             live.next_index += 1
         self.store.append(live.session_id, stored)  # durable before anyone is told
         live.notify()
@@ -345,7 +343,7 @@ class SessionManager:
                 for event in events:
                     yield sse(session_id, event)
                     after = event.index
-                    if event.data == DONE or self._readers_end.is_set():
+                    if self.is_final(event) or self._readers_end.is_set():
                         return
                 record = self.store.get(session_id)
                 if record is None or (record.state in TERMINAL and not events and
@@ -381,7 +379,7 @@ class SessionManager:
     def _client_left(self, live: LiveSession) -> None:
         live.clients -= 1
         # Readers ended by a shutdown did not leave: their clients come back after the restart.
-        if live.clients == 0 and self.cancel_after_seconds and live.generation is not None \
+        if live.clients == 0 and self.cancel_after_seconds and live.auto_cancel and live.generation is not None \
                 and not self._readers_end.is_set():
             self._arm_auto_cancel(live)
 
@@ -404,6 +402,24 @@ class SessionManager:
         if live and record.state == RUNNING:
             self._request_cancel(live)
         return record
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session: at once when it has ended, else cancel it and drop it when its producer ends
+        (unknown from now on either way)."""
+        self._known(session_id)
+        live = self.live.get(session_id)
+        if live is not None and live.task is not None and not live.task.done():
+            live.deleted = True
+            self._request_cancel(live)
+            live.notify()
+            return
+        self.store.delete(session_id)
+        self._forget([session_id])
+
+    def producer(self, session_id: str) -> asyncio.Task | None:
+        """The task generating a session in this process (None when it is not running here)."""
+        live = self.live.get(session_id)
+        return live.task if live else None
 
     def _request_cancel(self, live: LiveSession) -> None:
         live.cancel_requested = True
