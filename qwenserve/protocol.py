@@ -335,14 +335,18 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def chat_request_from(body: dict) -> ChatCompletionRequest:
-    """Validate a parsed body (see `parse_json_object`); any failure is a 400."""
+def validate_body(model: type[BaseModel], body: dict):
+    """Validate a parsed body (see `parse_json_object`) as `model`; any failure is a 400."""
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise validation_to_api_error(exc.errors())
     except (ValueError, TypeError, RecursionError) as exc:
         raise bad_request(f"invalid request: {type(exc).__name__}", code="invalid_value")
+
+
+def chat_request_from(body: dict) -> ChatCompletionRequest:
+    return validate_body(ChatCompletionRequest, body)
 
 
 class Usage(BaseModel):

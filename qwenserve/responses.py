@@ -8,9 +8,9 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .protocol import TOOL_NAME_PATTERN, bad_request, validation_to_api_error
+from .protocol import TOOL_NAME_PATTERN, bad_request, validate_body
 
 ID_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 MEDIA_OPTIONS = ("max_pixels", "fps", "max_frames")
@@ -97,12 +97,7 @@ class ResponsesRequest(BaseModel):
 
 
 def responses_request_from(body: dict) -> ResponsesRequest:
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as exc:
-        raise validation_to_api_error(exc.errors())
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise bad_request(f"invalid request: {type(exc).__name__}", code="invalid_value")
+    return validate_body(ResponsesRequest, body)
 
 
 # ---- input items -> chat messages ------------------------------------------------------------------
