@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     api_key: str | None = None
 
     persist_sessions: bool = False
+    sessions_store: str = Field("", pattern="^(|memory|sqlite|redis)$")  # empty: sqlite if persist_sessions
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    session_lease_seconds: float = Field(10, gt=0)
     sessions_db_path: str = "sessions.db"
     sessions_ttl_seconds: float = Field(600, ge=0)
     responses_ttl_seconds: float = Field(3600, ge=0)
@@ -47,6 +50,10 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15, gt=0)
 
     max_concurrent_requests: int = Field(16, ge=1)
+    kv_cache_tokens: int = Field(4096, ge=64)  # per slot: prompt + max_tokens of one row
+    prefill_chunk_tokens: int = Field(512, ge=16)
+    compile: str = Field("auto", pattern="^(auto|0|1)$")
+    quantization: str = Field("none", pattern="^(none|int8)$")
     max_queued_requests: int = Field(64, ge=0)
 
     max_video_frames: int = Field(16, ge=1)
@@ -72,6 +79,11 @@ class Settings(BaseSettings):
         if Path(repo).is_absolute() or repo.startswith((".", "~")) or Path(repo).exists():
             return Path(repo).name or repo
         return repo
+
+    @property
+    def store_kind(self) -> str:
+        """memory, sqlite or redis: PERSIST_SESSIONS=1 keeps meaning sqlite when SESSIONS_STORE is unset."""
+        return self.sessions_store or ("sqlite" if self.persist_sessions else "memory")
 
     @property
     def allowed_media_domain_list(self) -> list[str]:
