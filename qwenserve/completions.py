@@ -24,6 +24,11 @@ def sampling_params(request: ChatCompletionRequest, settings: Settings, prompt_t
     if room <= 0:
         raise bad_request(f"the prompt has {prompt_tokens} tokens, which does not fit the model's context of "
                           f"{context_length} tokens", "messages", "context_length_exceeded")
+    requested = request.requested_max_tokens()
+    if requested and requested > room:
+        raise bad_request(f"max_tokens is {requested}, but the prompt has {prompt_tokens} tokens and one request "
+                          f"holds at most {context_length} (prompt + max_tokens: the model's context or "
+                          "KV_CACHE_TOKENS)", "max_tokens", "context_length_exceeded")
     stops = request.stop_list()
     if len(stops) > settings.max_stop_sequences:
         raise bad_request(f"at most {settings.max_stop_sequences} stop sequences are allowed", "stop")
@@ -32,7 +37,7 @@ def sampling_params(request: ChatCompletionRequest, settings: Settings, prompt_t
         raise bad_request(f"temperature must be 0 (greedy) or at least {settings.min_temperature:g} "
                           "(MIN_TEMPERATURE)", "temperature", "invalid_value")
     return SamplingParams(
-        max_new_tokens=min(request.requested_max_tokens() or settings.max_tokens, room),
+        max_new_tokens=requested or min(settings.max_tokens, room),
         temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
         top_k=max(request.top_k or 0, 0), seed=request.seed, stop=stops,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,

@@ -12,6 +12,17 @@ import torch
 # reaching inf, and softmax stays a distribution.
 LOGIT_LIMIT = 1e4
 SEED_SPAN = 2 ** 64  # seeds wrap within what torch.Generator accepts
+MASK64 = 2 ** 64 - 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one step's draw: a function of the request's seed and the step number only
+    (splitmix64 of both), so a generation continued after a crash, restart or takeover draws exactly
+    what an uninterrupted one would."""
+    z = (seed + 0x9E3779B97F4A7C15 * (step + 1)) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits
 
 
 def _is_distribution(probs: torch.Tensor) -> bool:
@@ -50,9 +61,7 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]):
         self.params = params
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator = torch.Generator() if params.seed is not None else None
         self.counts = torch.zeros(vocab_size, dtype=torch.float32)
         self.prompt_mask = None
         if params.repetition_penalty != 1.0:
@@ -72,7 +81,8 @@ class RowSampler:
         p = self.params
         return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor, step: int = 0) -> int:
+        """The token for generation step `step` (tokens produced before it, resumed ones included)."""
         p = self.params
         logits = logits[: self.counts.shape[0]]
         if self.plain_greedy:
@@ -94,7 +104,12 @@ class RowSampler:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         if not _is_distribution(probs):  # the model's own logits overflowed: take the best finite token
             return int(torch.argmax(logits))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self._generator_at(step)))
+
+    def _generator_at(self, step: int) -> torch.Generator | None:
+        if self.generator is None:  # no seed: the process's random state
+            return None
+        return self.generator.manual_seed(step_seed(self.params.seed, step))
 
     def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
         penalized = self._penalties(logits)

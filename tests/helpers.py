@@ -31,7 +31,9 @@ class LiveServer:
         self.cwd = cwd or log_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_REPO_ID": str(model_dir), "HOST": "127.0.0.1",
-                    "PORT": str(self.port), "DEVICE_MAP": "cpu", **{k: str(v) for k, v in env.items()}}
+                    "PORT": str(self.port), "DEVICE_MAP": "cpu",
+                    # Endless test streams run up to 20,000 tokens; the test models' cache is ~1 KB a token.
+                    "KV_CACHE_TOKENS": "20480", **{k: str(v) for k, v in env.items()}}
         self.log_path = log_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
         self.start(wait_ready)

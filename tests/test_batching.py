@@ -113,20 +113,28 @@ def test_cancel_inside_a_batch_leaves_neighbours_unchanged(endless_server):
 
 
 def test_short_request_is_not_stuck_behind_long_streams(endless_server):
-    from contextlib import ExitStack
-
     long_ids = [f"long-{i}" for i in range(4)]
-    with ExitStack() as stack:
-        for sid in long_ids:  # four endless streams, connected throughout
-            response = stack.enter_context(httpx.stream(
-                "POST", endless_server.url + "/v1/chat/completions", timeout=60,
-                json=chat_body(session_id=sid, stream=True, max_tokens=20000, temperature=0)))
-            read_sse(response.iter_lines(), max_events=2)
-        reply = complete(endless_server, chat_body(max_tokens=5, temperature=0), timeout=60)
-        assert reply["usage"]["completion_tokens"] == 5
-        for sid in long_ids:  # still running: the short one went through beside them, not after them
-            assert httpx.get(f"{endless_server.url}/v1/sessions/{sid}").json()["state"] == "running"
-            httpx.post(f"{endless_server.url}/v1/cancel/{sid}")
+    started = [threading.Event() for _ in long_ids]
+
+    def read_long(sid: str, started: threading.Event) -> None:  # read throughout: a client that keeps up
+        with httpx.stream("POST", endless_server.url + "/v1/chat/completions", timeout=60,
+                          json=chat_body(session_id=sid, stream=True, max_tokens=20000, temperature=0)) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i == 4:
+                    started.set()
+
+    readers = [threading.Thread(target=read_long, args=args) for args in zip(long_ids, started)]
+    for reader in readers:
+        reader.start()
+    for event in started:
+        assert event.wait(60)
+    reply = complete(endless_server, chat_body(max_tokens=5, temperature=0), timeout=60)
+    assert reply["usage"]["completion_tokens"] == 5
+    for sid in long_ids:  # still running: the short one went through beside them, not after them
+        assert httpx.get(f"{endless_server.url}/v1/sessions/{sid}").json()["state"] == "running"
+        httpx.post(f"{endless_server.url}/v1/cancel/{sid}")
+    for reader in readers:
+        reader.join(60)
 
 
 @pytest.fixture

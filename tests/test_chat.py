@@ -189,10 +189,15 @@ def test_penalties_change_the_choice(endless_server):
 def test_context_limit(server_factory, small_context_ckpt):
     server = server_factory(small_context_ckpt)
     client = server.client()
-    # The prompt "hi" takes 21 tokens of the 40-token context: generation is clipped to the rest.
-    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
-    assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 40
+    # The prompt "hi" takes 21 tokens of the 40-token context: 19 more fit, 20 are a 400; without
+    # max_tokens, generation is clipped to the rest.
+    for max_tokens in (19, None):
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                               **({"max_tokens": max_tokens} if max_tokens else {}))
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 40
+    over = httpx.post(server.url + "/v1/chat/completions", json=chat_body("hi", max_tokens=20))
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
     # 19 prompt characters more leave exactly 0 tokens: the prompt alone does not fit.
     fits = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi" + "x" * 18}])
     assert fits.usage.prompt_tokens == 39 and fits.usage.completion_tokens == 1

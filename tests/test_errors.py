@@ -159,32 +159,32 @@ def fault_server(vl_ckpt):
 
 def test_generation_failure_ends_stream_and_server_keeps_serving(fault_server):
     server, engine = fault_server
-    model = engine.model
-    real_forward = model.forward
+    decoder = engine.decoder
+    real_step, real_prefill = decoder.decode_step, decoder.prefill
     calls = {"n": 0}
 
-    def failing_forward(*args, **kwargs):
+    def failing_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("injected fault")
-        return real_forward(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    model.forward = failing_forward
+    decoder.decode_step = failing_step
     try:
         _, sse = stream(server.url, chat_body(stream=True, session_id="fails"))
     finally:
-        model.forward = real_forward
+        decoder.decode_step = real_step
     assert sse.events[-1][1] == "[DONE]"
     error = sse.chunks()[-1]
     assert "injected fault" in error["error"]["message"] and error["error"]["type"] == "server_error"
     assert sse.indices == list(range(len(sse.events)))
     assert httpx.get(server.url + "/v1/sessions/fails").json()["state"] == "failed"
 
-    model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    decoder.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     try:
         assert_envelope(post(server, chat_body()), 500, code="generation_failed")
     finally:
-        model.forward = real_forward
+        decoder.prefill = real_prefill
     reply = httpx.post(server.url + "/v1/chat/completions", json=chat_body(), timeout=30).json()
     assert reply["choices"][0]["message"]["content"] == "Hello! I am a demo model."
 

@@ -186,7 +186,7 @@ def test_overload_is_refused_before_media_is_fetched(server_factory, endless_ckp
                                 {"type": "text", "text": "what is it?"}], max_tokens=2)
         assert post(server, image_body).status_code == 200 and images.hits == 1  # the fetch works
         with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
-                          json=chat_body(stream=True, max_tokens=100_000, session_id="busy")) as busy:
+                          json=chat_body(stream=True, max_tokens=20_000, session_id="busy")) as busy:
             read_sse(busy.iter_lines(), max_events=2)
             error = assert_envelope(post(server, image_body), 429, code="server_overloaded")
             assert images.hits == 1, "the media was fetched for a request that was refused"
@@ -208,10 +208,10 @@ def poisoned_server(endless_ckpt, monkeypatch):
 
     real_sample = sampling.RowSampler.sample
 
-    def sample(self, logits):
+    def sample(self, logits, step=0):
         if self.params.seed == POISON_SEED:
             raise FloatingPointError("injected sampling fault")
-        return real_sample(self, logits)
+        return real_sample(self, logits, step)
 
     monkeypatch.setattr(sampling.RowSampler, "sample", sample)
     settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
@@ -248,14 +248,14 @@ def test_a_failing_row_fails_alone(poisoned_server):
 
 
 def test_a_failing_prefill_fails_alone(endless_ckpt, monkeypatch):
-    real_prefill = Engine._prefill
+    real_prefill = Engine._prefill_logits
 
-    def prefill(self, jobs):
-        if any(job.params.seed == POISON_SEED for job in jobs):
+    def prefill(self, rows, width):
+        if any(row.job.params.seed == POISON_SEED for row in rows):
             raise RuntimeError("injected prefill fault")
-        return real_prefill(self, jobs)
+        return real_prefill(self, rows, width)
 
-    monkeypatch.setattr(Engine, "_prefill", prefill)
+    monkeypatch.setattr(Engine, "_prefill_logits", prefill)
     settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
     server = InProcessServer(create_app(settings, Engine(settings)))
     try:

@@ -1,4 +1,4 @@
-"""Running rows and their merged, left-padded KV cache."""
+"""Running rows, each in its own slot of the preallocated KV cache."""
 
 from __future__ import annotations
 
@@ -6,76 +6,70 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..decoding import TextPipeline
 from ..sampling import RowSampler
+from .cache import SlotCache
 from .jobs import Generation
 
 
 @dataclass
 class Row:
-    """One running job inside the batch."""
+    """One running job: its slot, the prompt tokens still to prefill, and its decoding state."""
     job: Generation
-    sampler: RowSampler | None
-    pipeline: TextPipeline | None
-    last_token: int
-    next_position: int
-    rope_delta: int
+    slot: int
+    prefill: list[int]  # tokens not yet in the cache (chunked prefill); empty once decoding
+    sampler: RowSampler | None = None
+    pipeline: TextPipeline | None = None
+    length: int = 0  # tokens in the slot's cache
+    last_token: int = 0  # sampled, not yet in the cache: the next decode step's input
+    rope_delta: int = 0  # Qwen3-VL: multimodal rope offset of the prompt (0 for text)
     generated: int = 0
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)  # with logprobs: one entry per pending id
     constraint: Any = None  # the row's matcher (constraints), when its request is constrained
     done: bool = False
 
+    @property
+    def decoding(self) -> bool:
+        return not self.prefill and not self.done
+
 
 class Batch:
-    """Running rows with one merged, left-padded KV cache."""
+    """The rows holding slots; decode steps run over the slots' prefix that holds decoding rows."""
 
-    def __init__(self):
+    def __init__(self, cache: SlotCache):
+        self.cache = cache
         self.rows: list[Row] = []
-        self.cache = None
-        self.mask: torch.Tensor | None = None
 
-    def add(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
-        """Merge newly prefilled rows (their cache and left-padded mask) into the batch."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)], dim=0)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=2), _pad_left(theirs.keys, width, dim=2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, dim=2),
-                                     _pad_left(theirs.values, width, dim=2)])
-        self.rows.extend(rows)
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def prefilling(self) -> list[Row]:
+        return [row for row in self.rows if row.prefill and not row.done]
+
+    def decoding(self) -> list[Row]:
+        return [row for row in self.rows if row.decoding]
 
     def drop_done(self) -> None:
-        keep = [i for i, row in enumerate(self.rows) if not row.done]
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        self.rows = [self.rows[i] for i in keep]
-        self.mask = _keep_rows(self.cache, self.mask, keep)
-        used = int(torch.nonzero(self.mask.sum(dim=0))[0])  # leading columns that are padding for all
-        self.mask = self.mask[:, used:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
+        for row in self.rows:
+            if row.done:
+                self.cache.release(row.slot)
+        self.rows = [row for row in self.rows if not row.done]
 
+    def release_all(self) -> None:
+        for row in self.rows:
+            row.done = True
+        self.drop_done()
 
-def _keep_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Keep only the given batch rows of a cache (in place) and return the matching mask rows."""
-    index = torch.tensor(keep, device=mask.device)
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-    return mask.index_select(0, index)
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - dim - 1) + [missing, 0]
-    return F.pad(tensor, pad)
+    def step_inputs(self, rows: list[Row], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Tokens, rope positions and write positions for slots 0..B-1 (B: the highest decoding slot + 1),
+        and the attention span. Slots between them that hold no decoding row write to the sink."""
+        width = max(row.slot for row in rows) + 1
+        tokens, positions, lengths = [0] * width, [0] * width, [self.cache.sink] * width
+        for row in rows:
+            tokens[row.slot], positions[row.slot], lengths[row.slot] = (row.last_token, row.length + row.rope_delta,
+                                                                        row.length)
+        span = max(row.length for row in rows) + 1
+        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        return as_tensor(tokens), as_tensor(positions), as_tensor(lengths), span

@@ -16,6 +16,7 @@ from ..sampling import SamplingParams
 from .jobs import Choices, EngineOutput, Generation, Prompt, Slot
 from .loading import LoadedModel, load_model
 from .loop import InferenceLoop
+from .runtime import build_decoder
 
 log = logging.getLogger("qwenserve.engine")
 
@@ -24,6 +25,7 @@ class Engine(InferenceLoop):
     def __init__(self, settings: Settings):
         self.settings = settings
         self.loaded: LoadedModel | None = None
+        self.decoder = None  # runtime.TextDecoder: kernels, KV cache, decode step
         self.error: str | None = None
         self.created = int(time.time())  # reported as the model's `created` in /v1/models
         self.ready = threading.Event()
@@ -56,7 +58,9 @@ class Engine(InferenceLoop):
 
     def _run(self) -> None:
         try:
-            self.loaded = load_model(self.settings)
+            loaded = load_model(self.settings)
+            self.decoder = build_decoder(loaded, self.settings)
+            self.loaded = loaded
         except Exception as exc:  # the error is reported by /health and every 503
             log.exception("model load failed")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -75,7 +79,13 @@ class Engine(InferenceLoop):
 
     @property
     def context_length(self) -> int:
-        return self.loaded.context_length if self.loaded else 0
+        """Tokens one row may hold: the model's context, within a KV cache slot."""
+        return min(self.loaded.context_length, self.settings.kv_cache_tokens) if self.loaded else 0
+
+    @property
+    def kv_cache(self) -> dict | None:
+        """The KV cache as allocated at start-up (for /health and /metrics)."""
+        return self.decoder.cache.describe() if self.decoder else None
 
     @property
     def constraints(self):

@@ -29,6 +29,7 @@ class LoadedModel:
     eos_ids: set[int]
     template_variables: frozenset[str] | None
     constraints: ConstraintFactory | None  # None: structured outputs unavailable (logged at load)
+    quantization: str = "none"  # what runtime.build_decoder applied
 
     @property
     def may_think(self) -> bool:

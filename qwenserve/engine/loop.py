@@ -1,7 +1,8 @@
-"""The inference loop, run by one thread that owns the model: admit queued jobs at step
-boundaries (text jobs arriving together prefill together, media jobs alone), then one decode step
-for every running row, each sampled with its own parameters. A failure is contained: a failing
-group prefill is retried job by job, and a row whose sampling fails is failed alone."""
+"""The inference loop, run by one thread that owns the model. Each turn: admit queued jobs into free
+slots of the KV cache, prefill at most PREFILL_CHUNK_TOKENS of waiting prompts (so that a long prompt
+loads in chunks between decode steps instead of stalling every stream), then one decode step for
+every decoding row, each sampled with its own parameters. A failure is contained: a failing prefill
+group is retried row by row, and a row whose sampling fails is failed alone."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from ..decoding import TextPipeline
 from ..sampling import RowSampler
-from .batch import Batch, Row, _keep_rows
+from .batch import Batch, Row
 from .jobs import EngineOutput, Generation
 
 log = logging.getLogger("qwenserve.engine")
@@ -29,102 +30,74 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[int, flo
 
 
 class InferenceLoop:
-    """Mixed into `Engine`; uses its `loaded` model, job queue, settings and `_finish_job`/`_fail`."""
+    """Mixed into `Engine`; uses its `loaded` model, `decoder`, job queue, settings and `_finish_job`/`_fail`."""
 
     def _loop(self) -> None:
-        batch = Batch()
+        batch = Batch(self.decoder.cache)
         while not self._stopping.is_set():
             try:
                 self._admit(batch)
-                if batch.rows:
+                self._prefill_chunk(batch)
+                if batch.decoding():
                     self._step(batch)
+                batch.drop_done()
+                self.running_count = len(batch.rows)
             except Exception as exc:
                 log.exception("generation step failed")
                 for row in batch.rows:
                     if not row.done:
                         self._fail(row.job, exc)
-                batch = Batch()
+                batch.release_all()
 
+    # ---- admission -----------------------------------------------------------------------
     def _admit(self, batch: Batch) -> None:
         jobs = []
-        while len(batch.rows) + len(jobs) < self.settings.max_concurrent_requests:
+        while len(jobs) < batch.cache.free_slots:
             try:
                 wait = not batch.rows and not jobs
                 jobs.append(self._jobs.get(timeout=0.2) if wait else self._jobs.get_nowait())
             except queue.Empty:
                 break
-        live = [job for job in jobs if self._claim(job) and not self._skip_cancelled(job)]
-        # Text-only requests that arrive together prefill together; media ones alone (their vision
-        # encoder and multimodal positions are per request).
-        groups = [[job] for job in live if job.prompt.has_media]
-        plain = [job for job in live if not job.prompt.has_media]
-        if plain:
-            groups.append(plain)
-        for group in groups:
-            self._prefill_into(batch, group)
+        for job in jobs:
+            if self._claim(job) and not self._skip_cancelled(job):
+                self._start_row(batch, job)
         self.running_count = len(batch.rows)
         self.waiting_count = max(0, self._in_flight - self.running_count)  # queue entries of ended jobs excluded
-
-    def _prefill_into(self, batch: Batch, group: list[Generation]) -> None:
-        """Prefill a group; if the group's pass fails, each job is tried alone so that only the job
-        that causes the failure fails."""
-        try:
-            rows, cache, mask = self._prefill(group)
-        except Exception as exc:
-            if len(group) > 1:
-                for job in group:
-                    self._prefill_into(batch, [job])
-                return
-            log.exception("prefill failed")
-            self._fail(group[0], exc)
-            return
-        if rows:
-            batch.add(rows, cache, mask)
 
     def _skip_cancelled(self, job: Generation) -> bool:
         if job.cancelled:
             self._finish_job(job, "cancelled", len(job.resume_ids), [])
         return job.cancelled
 
-    @torch.inference_mode()
-    def _prefill(self, jobs: list[Generation]):
-        """One forward pass over the jobs' prompts (left-padded); returns the rows still running."""
-        sequences = [job.prompt.input_ids + job.resume_ids for job in jobs]
-        width = max(len(seq) for seq in sequences)
-        input_ids = torch.tensor([[0] * (width - len(seq)) + seq for seq in sequences], device=self.loaded.device)
-        mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences], device=self.loaded.device)
-        if len(jobs) == 1 and jobs[0].prompt.has_media:
-            media = {k: v.to(self.loaded.device) for k, v in jobs[0].prompt.media_inputs.items()}
-            positions, delta = self._prefill_positions(input_ids, media)
-            media.pop("mm_token_type_ids")
-        else:
-            positions, delta, media = (mask.cumsum(-1) - 1).clamp(min=0), 0, {}
-        out = self.loaded.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **media)
-        rows = [self._start_row(job, seq, delta, out.logits[i, -1])
-                for i, (job, seq) in enumerate(zip(jobs, sequences))]
-        keep = [i for i, row in enumerate(rows) if not row.done]
-        if not keep:
-            return [], None, None
-        cache = out.past_key_values
-        if len(keep) < len(rows):
-            mask = _keep_rows(cache, mask, keep)
-        return [rows[i] for i in keep], cache, mask
-
-    def _start_row(self, job: Generation, sequence: list[int], rope_delta: int, logits: torch.Tensor) -> Row:
-        """A prefilled job's row with its first token; a failure here fails this job alone."""
-        row = Row(job=job, sampler=None, pipeline=None, last_token=sequence[-1], next_position=len(sequence),
-                  rope_delta=rope_delta, generated=len(job.resume_ids))
+    def _start_row(self, batch: Batch, job: Generation) -> None:
+        """A row in a free slot: its sampler, text pipeline and constraint, the state rebuilt from
+        tokens produced before a restart, and a media prompt's prefill (not chunked: the vision
+        tower and multimodal positions need the whole prompt). A failure here fails this job alone."""
+        row = Row(job=job, slot=batch.cache.take(), prefill=job.prompt.input_ids + job.resume_ids,
+                  generated=len(job.resume_ids))
+        batch.add(row)
         try:
             row.sampler = RowSampler(job.params, self.loaded.vocab_size, job.prompt.input_ids)
             row.pipeline = TextPipeline(self.loaded.tokenizer, job.params.stop)
             if job.params.constraint is not None:
                 row.constraint = job.params.constraint()
-            if self._replay(row):
-                self._accept(row, self._choose(row, logits))
+            if self._replay(row) and job.prompt.has_media:
+                self._prefill_media(row)
         except Exception as exc:
             self._fail_row(row, exc)
-        return row
+
+    @torch.inference_mode()
+    def _prefill_media(self, row: Row) -> None:
+        sequence = row.prefill
+        input_ids = torch.tensor([sequence], device=self.loaded.device)
+        media = {k: v.to(self.loaded.device) for k, v in row.job.prompt.media_inputs.items()}
+        positions, row.rope_delta = self._prefill_positions(input_ids, media)
+        media.pop("mm_token_type_ids")
+        out = self.loaded.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                position_ids=positions, use_cache=True, logits_to_keep=1, **media)
+        self.decoder.cache.load(row.slot, out.past_key_values, len(sequence))
+        row.prefill, row.length = [], len(sequence)
+        self._accept(row, self._choose(row, out.logits[0, -1].float()))
 
     def _prefill_positions(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]):
         """Qwen3-VL multimodal rope positions for one prompt, and its rope delta for decoding."""
@@ -155,49 +128,82 @@ class InferenceLoop:
             self._finish(row, "length")  # its held-back text went out with the last stored event
         return not row.done
 
-    @torch.inference_mode()
-    def _step(self, batch: Batch) -> None:
-        for row in batch.rows:
+    # ---- chunked prefill -----------------------------------------------------------------
+    def _prefill_chunk(self, batch: Batch) -> None:
+        """Up to PREFILL_CHUNK_TOKENS (padded) of waiting prompts in one pass; rows whose prompt is
+        complete get their first token."""
+        for row in batch.prefilling():
             if row.job.cancelled:
                 self._finish(row, "cancelled")
-        batch.drop_done()
-        if not batch.rows:
+        waiting = batch.prefilling()
+        if not waiting:
             return
-        rows = batch.rows
-        input_ids = torch.tensor([[r.last_token] for r in rows], device=self.loaded.device)
-        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.loaded.device)], dim=1)
-        positions = torch.tensor([[r.next_position] for r in rows], device=self.loaded.device)
-        if self.loaded.is_multimodal:
-            deltas = torch.tensor([[r.rope_delta] for r in rows], device=self.loaded.device)
-            positions = torch.stack([positions] + [positions + deltas] * 3)
-        out = self.loaded.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True)
-        batch.mask = mask
-        logits = out.logits[:, -1]
-        for i, row in enumerate(rows):
-            row.next_position += 1
-            self._sample_and_accept(row, logits[i])
-        batch.drop_done()
-        self.running_count = len(batch.rows)
+        budget = self.settings.prefill_chunk_tokens
+        group, width = [waiting[0]], min(len(waiting[0].prefill), budget)
+        for row in waiting[1:]:
+            wider = max(width, min(len(row.prefill), budget))
+            if (len(group) + 1) * wider > budget:
+                break
+            group, width = group + [row], wider
+        self._prefill_group(group, width)
 
-    def _sample_and_accept(self, row: Row, logits: torch.Tensor) -> None:
+    def _prefill_group(self, group: list[Row], width: int) -> None:
+        try:
+            logits = self._prefill_logits(group, width)
+        except Exception as exc:
+            if len(group) > 1:
+                for row in group:
+                    self._prefill_group([row], min(width, len(row.prefill)))
+                return
+            log.exception("prefill failed")
+            self._fail_row(group[0], exc)
+            return
+        for i, row in enumerate(group):
+            taken = row.prefill[:width]
+            row.prefill, row.length = row.prefill[width:], row.length + len(taken)
+            if not row.prefill:
+                self._sample_and_accept(row, logits[i])
+
+    @torch.inference_mode()
+    def _prefill_logits(self, group: list[Row], width: int) -> torch.Tensor:
+        return self.decoder.prefill([row.slot for row in group], [row.prefill[:width] for row in group],
+                                    [row.length for row in group])
+
+    # ---- decoding ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _step(self, batch: Batch) -> None:
+        for row in batch.decoding():
+            if row.job.cancelled:
+                self._finish(row, "cancelled")
+        rows = batch.decoding()
+        if not rows:
+            return
+        tokens, positions, lengths, span = batch.step_inputs(rows, self.loaded.device)
+        logits = self.decoder.decode_step(tokens, positions, lengths, span)
+        best = logits.argmax(dim=-1).tolist()  # every greedy row in one op
+        for row in rows:
+            row.length += 1
+            self._sample_and_accept(row, logits[row.slot], best[row.slot])
+
+    def _sample_and_accept(self, row: Row, logits: torch.Tensor, best: int | None = None) -> None:
         """One row's sampling and text work: a failure here fails that row alone."""
         try:
-            self._accept(row, self._choose(row, logits))
+            self._accept(row, self._choose(row, logits, best))
         except Exception as exc:
             self._fail_row(row, exc)
 
-    def _choose(self, row: Row, logits: torch.Tensor) -> int:
+    def _choose(self, row: Row, logits: torch.Tensor, best: int | None = None) -> int:
         """The row's next token: the constraint's mask (if any) before sampling; logprobs (if asked)
-        from the raw logits, as the model gave them."""
-        if row.constraint is None:
-            token = row.sampler.sample(logits)
-        elif row.sampler.plain_greedy:  # the mask only when the grammar refuses the model's choice
-            token = int(torch.argmax(logits))
-            if not row.constraint.allows(token):
+        from the raw logits, as the model gave them. `best`: the logits' argmax, when already known."""
+        sampler, step = row.sampler, row.generated
+        if sampler.plain_greedy:
+            token = int(torch.argmax(logits)) if best is None else best
+            if row.constraint is not None and not row.constraint.allows(token):  # masked only when refused
                 token = int(torch.argmax(row.constraint.apply(logits)))
+        elif row.constraint is None:
+            token = sampler.sample(logits, step)
         else:
-            token = row.sampler.sample(row.constraint.apply(logits))
+            token = sampler.sample(row.constraint.apply(logits), step)
         if row.constraint is not None:
             row.constraint.accept(token)
         if row.job.params.logprobs:
