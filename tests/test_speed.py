@@ -196,3 +196,37 @@ def test_stream_after_a_long_prompt_reads_normally(server_factory, endless_ckpt)
                       json=chat_body(LONG_PROMPT, stream=True, max_tokens=6, temperature=0)) as response:
         sse = read_sse(response.iter_lines())
     assert sse.events[-1][1] == "[DONE]" and sse.indices == list(range(len(sse.events)))
+
+
+def test_image_rows_keep_their_rope_offsets(random_vl_ckpt):
+    """A prompt with an image (multimodal positions, its own rope delta) decoded in a batch beside a
+    text row gives exactly Transformers' own `generate` for it alone (random weights)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    engine = Engine(Settings(model_repo_id=str(random_vl_ckpt), device_map="cpu", kv_cache_tokens=512,
+                             max_concurrent_requests=4, _env_file=None))
+    engine.start()
+    assert engine.ready.wait(120), engine.error
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+
+    async def together():
+        text_prompt = await asyncio.to_thread(engine.build_prompt, [{"role": "user", "content": "hi"}], {})
+        image_prompt = await asyncio.to_thread(engine.build_prompt, messages, {}, images=[image])
+        beside = engine.submit(text_prompt, SamplingParams(max_new_tokens=40, temperature=0))
+        outputs = [o async for o in engine.submit(image_prompt, params)]
+        _ = [o async for o in beside]
+        return image_prompt, [t for o in outputs for t in o.token_ids]
+
+    try:
+        prompt, ours = asyncio.run(together())
+    finally:
+        engine.stop()
+    model = AutoModelForImageTextToText.from_pretrained(random_vl_ckpt).eval()
+    ids = torch.tensor([prompt.input_ids])
+    with torch.inference_mode():
+        theirs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.media_inputs,
+                                max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert prompt.media_inputs and ours == theirs
