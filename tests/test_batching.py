@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .helpers import chat_body, read_sse, stream
+from .helpers import chat_body, stream
 from .mediafiles import data_url, png
 
 REASONING, CONTENT = "Let me think briefly", "Hello! I am a demo model."

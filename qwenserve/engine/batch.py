@@ -71,5 +71,5 @@ class Batch:
             tokens[row.slot], positions[row.slot], lengths[row.slot] = (row.last_token, row.length + row.rope_delta,
                                                                         row.length)
         span = max(row.length for row in rows) + 1
-        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-        return as_tensor(tokens), as_tensor(positions), as_tensor(lengths), span
+        tensors = (torch.tensor(values, device=device) for values in (tokens, positions, lengths))
+        return (*tensors, span)
