@@ -28,8 +28,10 @@ run: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# ~30 min on the 2-core CPU; BENCH_QUICK=1 for a smoke run, BENCH_SKIP_REALSIZE=1 and other knobs: bench/plan.py.
+# Figures go to bench-results/latest.md (and .json), server logs to bench-results/.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m bench.run
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(PY) -m bench.run
 
 clean:
 	rm -rf .cache .pytest_cache

@@ -1,269 +1,207 @@
-"""`make bench`: this server against raw batched `generate` on the same locally built checkpoint.
+"""`make bench`: decode speed against the bandwidth floor, raw `generate` and the goals of issue 10.
 
-Builds (once) a Qwen3-VL checkpoint whose text model has about 140M parameters and designed weights
-that never emit the end token, then measures in one run:
-  ceiling  in-process `model.generate` on batches of 1, 8 and 16 identical prompts (greedy)
-  server   `python main.py` on the same checkpoint: 1, 8 and 16 concurrent greedy streams, and 8
-           streams with a JSON schema (constrained decoding) against 8 without
-  memory   the server's peak RSS, and its RSS across two rounds of 1000 short requests
-  peer     `transformers serve` on the same checkpoint, when it can run here
-and prints a table with ratios to the ceiling (also written to bench-results/latest.md).
+One run, one model in memory at a time, in this order:
+  floors       the best memory read rate now (fp32 sum, fp32 matrix-vector), and per checkpoint the
+               text-weight bytes a decode step reads in fp32, bf16 and int8 -> floor tokens/s
+  bench model  (designed, 140M text parameters) and real-size (Qwen3-VL-2B shaped, random bf16),
+               each in fp32 and bf16: raw `generate` (single, batch 16), this server (single, 8 and
+               16 streams, time to first token, inter-token p50/p99 at 8 streams, the same while a
+               4,000-token prompt arrives, per-token time early vs late in one long stream); then
+               QUANTIZATION=int8 (single stream, greedy outputs against bf16 on 8 fixed prompts)
+  kept         on the bench model in fp32: the JSON-schema constraint's cost, RSS over 2,000
+               requests; `transformers serve` on the same checkpoint
+  stores       16 streams on a tiny model: in memory, SQLite, Redis (events/s)
+Prints every figure and writes bench-results/latest.md (the README copies it) and latest.json.
+Knobs (BENCH_QUICK=1, BENCH_SKIP_REALSIZE=1, ...): see bench/plan.py.
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / ".cache" / "bench-checkpoint"
-RESULTS = ROOT / "bench-results"
-TOKENS = int(os.environ.get("BENCH_TOKENS", "64"))
-PROMPT = "Benchmark prompt: tell me a long story."
-CONCURRENCY = (1, 8, 16)
+from . import checkpoints, floors, measures, persistence, plan, raw, report
+from .peer import transformers_serve
+from .server import Unavailable, serving
 
 
-def build_checkpoint() -> Path:
-    if not (CHECKPOINT / "config.json").exists():
-        from qwenserve.checkpoints import build_vl_checkpoint
-
-        build_vl_checkpoint(CHECKPOINT, endless=True, hidden=1024, layers=11, heads=16, kv_heads=8, head_dim=64,
-                            intermediate=3072)
-    return CHECKPOINT
-
-
-def raw_generate(path: Path) -> dict[int, float]:
-    """Tokens/s of plain batched `generate` (the ceiling), and its time to first token for one prompt."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": PROMPT}]}],
-                                         tokenize=False, add_generation_prompt=True)
-    results = {}
-    with torch.inference_mode():
-        for batch in CONCURRENCY:
-            inputs = processor(text=[text] * batch, return_tensors="pt")
-            model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
-            start = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-            results[batch] = batch * TOKENS / (time.perf_counter() - start)
-        inputs = processor(text=[text], return_tensors="pt")
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
-        results["ttft"] = time.perf_counter() - start
-    del model
-    gc.collect()
-    return results
+def guarded(label: str, fn, *args, **kwargs):
+    """fn's result, or "not available (reason)" when it fails: one failing measure never ends the bench."""
+    start = time.monotonic()
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, Unavailable):
+            reason = f"{type(exc).__name__}: {reason}"
+            traceback.print_exc()
+        value = f"not available ({reason})"
+    if isinstance(value, dict):
+        shown = {k: _short(v) for k, v in value.items()}
+    elif isinstance(value, list):
+        shown = f"{len(value)} items"
+    else:
+        shown = value
+    print(f"  {label} ({time.monotonic() - start:.0f}s): {shown}", flush=True)
+    return value
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _short(value):
+    return round(value, 4) if isinstance(value, float) else value
 
 
-def wait_ready(url: str, proc: subprocess.Popen, ours: bool = True, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        try:
-            response = httpx.get(url + "/health", timeout=2)
-            if response.status_code == 200 and (not ours or response.json().get("modelReady")):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
-# The constraint's cost: an answer that must match this schema. The bench model never writes JSON, so
-# its choice is refused at every step and the full mask is built every step: the worst case.
-SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
-    "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}}}
-NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # the answer (constrained) starts at once
-
-
-def one_stream(url: str, model: str, max_tokens: int = TOKENS, **extra) -> tuple[float, float, float, int]:
-    """(start, first token time, end, completion tokens) of one greedy stream."""
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}, **extra}
-    start = time.perf_counter()
-    first, tokens, chunks = None, 0, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
-            if delta.get("content") or delta.get("reasoning_content"):
-                chunks += 1
-                first = first or time.perf_counter()
-    # Servers that send no usage chunk: one text chunk per token.
-    return start, first or time.perf_counter(), time.perf_counter(), tokens or chunks
-
-
-def concurrent_streams(url: str, model: str, concurrency: int, **extra) -> tuple[float, list]:
-    """Aggregate tokens/s of `concurrency` streams started together, and the runs."""
-    with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda _: one_stream(url, model, **extra), range(concurrency)))
-    begin, end = min(r[0] for r in runs), max(r[2] for r in runs)
-    return sum(r[3] for r in runs) / (end - begin), runs
-
-
-def measure_streams(url: str, model: str) -> dict:
-    one_stream(url, model, 4)  # warm-up
-    results = {}
-    for concurrency in CONCURRENCY:
-        results[concurrency], runs = concurrent_streams(url, model, concurrency)
-        if concurrency == 1:
-            results["ttft"] = runs[0][1] - runs[0][0]
-    return results
-
-
-def constraint_cost(url: str, model: str, rounds: int = 2) -> dict:
-    """8 streams with a JSON schema against 8 without, interleaved, each the mean of `rounds`."""
-    one_stream(url, model, 4, response_format=SCHEMA_FORMAT, **NO_THINKING)  # compiles the grammar
-    plain, schema = [], []
-    for _ in range(rounds):
-        plain.append(concurrent_streams(url, model, 8, **NO_THINKING)[0])
-        schema.append(concurrent_streams(url, model, 8, response_format=SCHEMA_FORMAT, **NO_THINKING)[0])
-    return {"plain": sum(plain) / rounds, "schema": sum(schema) / rounds}
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 
-def memory_growth(url: str, pid: int, requests: int = 1000) -> list[int]:
-    """RSS after a warm-up, then after each of two rounds of `requests` short requests (16 at a time):
-    a leak grows in both rounds; allocator warm-up only in the first."""
-    body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0}
+def server_plans(path: Path, dtype: str, params: int, counts: plan.Counts) -> list[dict]:
+    """One server with KV_CACHE_TOKENS per slot for every measure when the KV cache fits in memory;
+    otherwise a 16-slot server with a smaller cache for the throughput measures and a 9-slot one for
+    the long prompt (8 running streams + 1). Each plan: {label, settings, measures}."""
+    per_token = checkpoints.kv_bytes_per_token(path, dtype)
+    weights = params * (4 if dtype == "float32" else 2)
+    budget = int(mem_available() * 0.9) - weights - (2 << 30)
+    tokens = plan.KV_CACHE_TOKENS
 
-    def run(count):
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=600), range(count)))
+    def fit(slots: int) -> int:
+        return min(tokens, max(0, budget // (slots * per_token)) // 256 * 256)
 
-    run(100)
-    readings = [rss_kib(pid)]
-    for _ in range(2):
-        run(requests)
-        readings.append(rss_kib(pid))
-    return readings
-
-
-def serve_ours(path: Path) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_REPO_ID": str(path), "PORT": str(port), "HOST": "127.0.0.1",
-           "DEVICE_MAP": "cpu", "MAX_CONCURRENT_REQUESTS": "16", "MAX_QUEUED_REQUESTS": "64"}
-    log = open(RESULTS / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=env, cwd=RESULTS, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_ready(url, proc)
-        results = measure_streams(url, "bench")
-        results["constraint"] = constraint_cost(url, "bench")
-        results["peak_rss_mib"] = rss_kib(proc.pid, "VmHWM") / 1024
-        results["rss_mib"] = [kib / 1024 for kib in memory_growth(url, proc.pid)]
-        return results
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    both = {"main", "long_prompt"}
+    if fit(plan.MAX_CONCURRENT) >= tokens:
+        return [{"settings": {"KV_CACHE_TOKENS": str(tokens)}, "measures": both}]
+    plans = [{"settings": {"KV_CACHE_TOKENS": str(fit(plan.MAX_CONCURRENT))}, "measures": {"main"}}]
+    if fit(9) >= counts.long_prompt + 64:
+        plans.append({"settings": {"KV_CACHE_TOKENS": str(fit(9)), "MAX_CONCURRENT_REQUESTS": "9"},
+                      "measures": {"long_prompt"}})
+    print(f"  memory: a {tokens}-token KV cache for 16 slots does not fit beside the weights; "
+          f"servers: {[p['settings'] for p in plans]}", flush=True)
+    return plans
 
 
-def serve_transformers(path: Path) -> dict | str:
-    """`transformers serve` on the same checkpoint, if this install can run it."""
-    cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    if not cli:
-        return "not installed"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(RESULTS / "transformers-serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(RESULTS / "hf-cache")}
-    (RESULTS / "hf-cache").mkdir(exist_ok=True)
-    proc = subprocess.Popen([cli, "serve", str(path), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"],
-                            env=env, cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(url, proc, ours=False, timeout=120)
-        results = {}
-        one_stream(url, str(path), 4)
-        for concurrency in (1, 8):
-            with ThreadPoolExecutor(concurrency) as pool:
-                runs = list(pool.map(lambda _: one_stream(url, str(path)), range(concurrency)))
-            begin, end = min(r[0] for r in runs), max(r[2] for r in runs)
-            tokens = sum(r[3] for r in runs)
-            results[concurrency] = tokens / (end - begin)
-        return results
-    except Exception as exc:  # reported in the table, never fatal to the benchmark
-        return f"could not run here ({type(exc).__name__}; see bench-results/transformers-serve.log)"
-    finally:
-        proc.terminate()
+def measure_dtype(name: str, path: Path, dtype: str, counts: plan.Counts, params: int, ckpt: dict) -> dict:
+    run: dict = {"servers": []}
+    run["raw"] = guarded(f"{name} {dtype} raw generate", raw.run, path, dtype, counts.streams,
+                         plan.RESULTS / f"raw-{name}-{dtype}.log")
+    for index, server_plan in enumerate(server_plans(path, dtype, params, counts)):
+        label = f"{name}-{dtype}" + (f"-{index + 1}" if index else "")
+        wanted = server_plan["measures"]
+        kv_tokens = int(server_plan["settings"]["KV_CACHE_TOKENS"])
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            with serving(label, path, TORCH_DTYPE=dtype, **server_plan["settings"]) as server:
+                if "main" in wanted:
+                    run["server"] = guarded(f"{label} streams", measures.throughput, server, counts)
+                    run["long"] = guarded(f"{label} long stream", measures.long_stream, server, counts)
+                    if dtype == "bfloat16":
+                        ckpt["bf16_outputs"] = guarded(f"{label} greedy outputs", measures.greedy_outputs, server,
+                                                       counts.compare)
+                    if name == "bench" and dtype == "float32":
+                        ckpt["constraint"] = guarded(f"{label} constraint cost", measures.constraint_cost, server,
+                                                     counts.streams, plan.CONSTRAINT_ROUNDS)
+                        ckpt["memory"] = guarded(f"{label} RSS over requests", measures.memory_growth, server,
+                                                 plan.MEMORY_REQUESTS)
+                if "long_prompt" in wanted:
+                    baseline = run.get("server", {}).get("itl_p50") if isinstance(run.get("server"), dict) else None
+                    run["long_prompt"] = guarded(f"{label} long prompt", measures.with_long_prompt, server, counts,
+                                                 path, kv_tokens, baseline)
+                run["servers"].append(report.describe_server(server))
+        except Unavailable as exc:
+            reason = f"not available ({exc})"
+            print(f"  server {label}: {reason}", flush=True)
+            run["servers"].append({"label": label, "settings": server_plan["settings"], "error": reason})
+            for key in (["server", "long"] if "main" in wanted else []) + (
+                    ["long_prompt"] if "long_prompt" in wanted else []):
+                run.setdefault(key, reason)
+    return run
 
 
-def table(raw: dict, ours: dict, peer) -> str:
-    import platform
+def measure_int8(name: str, path: Path, counts: plan.Counts, ckpt: dict) -> dict:
+    result: dict = {}
+    label = f"{name}-int8"
+    try:
+        with serving(label, path, TORCH_DTYPE="bfloat16", QUANTIZATION="int8",
+                     KV_CACHE_TOKENS=str(min(plan.KV_CACHE_TOKENS, 1024))) as server:
+            result["single"] = guarded(f"{label} single stream", measures.single_stream, server, counts.streams)
+            outputs = guarded(f"{label} greedy outputs", measures.greedy_outputs, server, counts.compare)
+            reference = ckpt.get("bf16_outputs")
+            if isinstance(outputs, list) and isinstance(reference, list):
+                result["agreement"] = measures.agreement(reference, outputs)
+            else:
+                result["agreement"] = outputs if isinstance(outputs, str) else "not available (no bf16 outputs)"
+            print(f"  {label} agreement with bf16: {result['agreement']}", flush=True)
+            result["server"] = report.describe_server(server)
+            if "int8" not in json.dumps(server.health).lower():
+                result["note"] = "/health does not mention int8: check the server log that it was applied"
+    except Unavailable as exc:
+        result = {"single": f"not available ({exc})", "agreement": f"not available ({exc})",
+                  "server": {"label": label, "error": str(exc)}}
+        print(f"  server {label}: not available ({exc})", flush=True)
+    return result
 
-    import torch
 
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads); {TOKENS} tokens per stream, greedy.", "",
-             "| measure | raw generate (ceiling) | this server | ratio | target |",
-             "| --- | --- | --- | --- | --- |"]
-    targets = {1: ">= 0.9", 8: ">= 0.7", 16: "above 8 streams"}
-    for n in CONCURRENCY:
-        label = "single stream tokens/s" if n == 1 else f"{n} streams, aggregate tokens/s"
-        lines.append(f"| {label} | {raw[n]:.1f} | {ours[n]:.1f} | {ours[n] / raw[n]:.2f} | {targets[n]} |")
-    lines.append(f"| time to first token, s | {raw['ttft']:.3f} | {ours['ttft']:.3f} | | |")
-    lines.append(f"| peak RSS, MiB | | {ours['peak_rss_mib']:.0f} | | |")
-    rss = " / ".join(f"{v:.0f}" for v in ours["rss_mib"])
-    lines.append(f"| RSS after warm-up / +1000 / +2000 requests, MiB | | {rss} | | no growth |")
-    cost = ours["constraint"]
-    lines.append(f"| 8 streams without / with a JSON schema, tokens/s | | {cost['plain']:.1f} / {cost['schema']:.1f} | "
-                 f"{cost['schema'] / cost['plain']:.2f} | >= 0.90 |")
-    if isinstance(peer, dict):
-        lines.append(f"| `transformers serve`, 1 / 8 streams tokens/s | | {peer[1]:.1f} / {peer[8]:.1f} | "
-                     f"ours at 8: {ours[8] / peer[8]:.1f}x | |")
-    else:
-        lines.append(f"| `transformers serve` | | {peer} | | |")
-    return "\n".join(lines)
+def measure_checkpoint(name: str, path: Path, counts: plan.Counts, rates: dict) -> dict:
+    sizes = floors.weight_bytes(path)
+    ckpt = {"path": str(path), "counts": asdict(counts), "bytes": sizes,
+            "floor": {dtype: rates["best"] * 1e9 / sizes[dtype] for dtype in ("float32", "bfloat16", "int8")}
+            if isinstance(rates, dict) else {}, "runs": {}}
+    print(f"{name}: {sizes['parameters'] / 1e6:.0f}M text parameters read per token; floors {ckpt['floor']}",
+          flush=True)
+    for dtype in plan.DTYPES:
+        ckpt["runs"][dtype] = measure_dtype(name, path, dtype, counts, sizes["all_parameters"], ckpt)
+    if "bfloat16" in plan.DTYPES:
+        ckpt["int8"] = measure_int8(name, path, counts, ckpt)
+    return ckpt
 
 
 def main() -> None:
-    RESULTS.mkdir(exist_ok=True)
-    path = build_checkpoint()
-    print(f"checkpoint: {path}", flush=True)
-    raw = raw_generate(path)
-    print(f"raw generate: {raw}", flush=True)
-    ours = serve_ours(path)
-    print(f"server: {ours}", flush=True)
-    peer = serve_transformers(path) if os.environ.get("BENCH_SKIP_PEER") != "1" else "skipped"
-    report = table(raw, ours, peer)
-    (RESULTS / "latest.md").write_text(report + "\n")
-    print("\n" + report)
+    plan.RESULTS.mkdir(exist_ok=True)
+    began = time.monotonic()
+    results: dict = {"quick": plan.QUICK, "dtypes": plan.DTYPES, "checkpoints": {}, "phases": {},
+                     "memory_requests": plan.MEMORY_REQUESTS, "persistence_tokens": plan.PERSISTENCE_TOKENS}
+
+    def phase(name: str, fn, *args):
+        start = time.monotonic()
+        print(f"== {name}", flush=True)
+        value = fn(*args)
+        results["phases"][name] = time.monotonic() - start
+        print(f"== {name}: {results['phases'][name] / 60:.1f} min (total {(time.monotonic() - began) / 60:.1f})",
+              flush=True)
+        return value
+
+    results["floors"] = phase("floors", guarded, "read rates", floors.read_rates)
+    bench = phase("bench checkpoint", checkpoints.bench_checkpoint)
+    results["checkpoints"]["bench"] = phase("bench model", measure_checkpoint, "bench", bench, plan.bench_counts(),
+                                            results["floors"])
+    if plan.flag("BENCH_SKIP_PEER"):
+        results["peer"] = "skipped"
+    else:
+        results["peer"] = phase("transformers serve", guarded, "transformers serve", transformers_serve, bench,
+                                plan.bench_counts().streams)
+    if plan.flag("BENCH_SKIP_REALSIZE"):
+        results["checkpoints"]["realsize"] = "skipped (BENCH_SKIP_REALSIZE=1)"
+    else:
+        realsize = phase("real-size checkpoint", guarded, "build", checkpoints.realsize_checkpoint)
+        if isinstance(realsize, Path):
+            results["checkpoints"]["realsize"] = phase("real-size model", measure_checkpoint, "realsize", realsize,
+                                                       plan.realsize_counts(), results["floors"])
+        else:
+            results["checkpoints"]["realsize"] = realsize
+    if plan.flag("BENCH_SKIP_PERSISTENCE"):
+        results["persistence"] = "skipped"
+    else:
+        tiny = phase("tiny checkpoint", checkpoints.tiny_checkpoint)
+        results["persistence"] = phase("session stores", guarded, "session stores", persistence.stores, tiny,
+                                       plan.PERSISTENCE_TOKENS, plan.PERSISTENCE_ROUNDS)
+    results["total_seconds"] = time.monotonic() - began
+    text = report.render(results)
+    (plan.RESULTS / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (plan.RESULTS / "latest.md").write_text(text + "\n")
+    print("\n" + text)
 
 
 if __name__ == "__main__":
