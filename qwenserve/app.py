@@ -19,19 +19,32 @@ from .config import Settings, get_settings
 from .engine import Engine
 from .media import MediaLoader
 from .metrics import Metrics
+from .opening import shutting_down
 from .protocol import (APIError, ChatCompletionRequest, chat_request_from, error_body, parse_json_object,
                        validation_to_api_error)
 from .response_routes import Responses
 from .response_routes import router as responses_router
 from .routes import router
 from .sessions import SessionManager
-from .stores import RESPONSE, MemoryStore, SessionRecord, SQLiteStore
+from .stores import RESPONSE, EventStore, MemoryStore, RedisStore, SessionRecord, SQLiteStore, StoreUnavailable
 
 log = logging.getLogger("qwenserve")
 
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def open_store(settings: Settings) -> EventStore:
+    """SESSIONS_STORE: memory (one process), sqlite (one process, survives it), redis (several replicas)."""
+    kind = settings.store_kind
+    if kind == "redis":
+        return RedisStore(settings.redis_url, settings.sessions_ttl_seconds, settings.responses_ttl_seconds,
+                          settings.session_lease_seconds)
+    if kind == "sqlite":
+        return SQLiteStore(settings.sessions_db_path)
+    return MemoryStore(settings.sessions_buffer_events, settings.sessions_max_finished,
+                       settings.sessions_max_finished_bytes)
 
 
 class Services:
@@ -42,17 +55,24 @@ class Services:
         self.engine = engine
         self.metrics = Metrics(engine)
         self.media = MediaLoader(settings)
-        store = SQLiteStore(settings.sessions_db_path) if settings.persist_sessions \
-            else MemoryStore(settings.sessions_buffer_events, settings.sessions_max_finished,
-                             settings.sessions_max_finished_bytes)
-        self.sessions = SessionManager(store, self.continue_session, settings.sessions_ttl_seconds,
+        self.sessions = SessionManager(open_store(settings), self.continue_session, settings.sessions_ttl_seconds,
                                        settings.cancel_after_disconnect_seconds, settings.sse_ping_seconds,
-                                       self.metrics, settings.responses_ttl_seconds)
+                                       self.metrics, settings.responses_ttl_seconds,
+                                       settings.session_lease_seconds, self.room)
         self.responses = Responses(self)
 
     async def prepare(self, request: ChatCompletionRequest, continuing: bool = False, rows: int | None = None):
+        if not continuing and not self.sessions.admitting:
+            raise shutting_down()
         loader = self.media.load if self.engine.is_multimodal else None
         return await prepare(self.engine, self.settings, request, loader, continuing, rows)
+
+    def room(self) -> int:
+        """How many sessions of other replicas this one may take over now: its free admission slots."""
+        if not self.engine.ready.is_set():
+            return 0
+        limit = self.settings.max_concurrent_requests + self.settings.max_queued_requests
+        return limit - self.engine.running_count - self.engine.waiting_count
 
     async def continue_session(self, record: SessionRecord, resume_ids: list[int]):
         """Restart a persisted session's generation after a restart, from the tokens it had produced."""
@@ -67,7 +87,7 @@ class Services:
         while not self.engine.ready.is_set() and not self.engine.error:
             await asyncio.sleep(0.1)
         progress = {0: (resume_ids, None)} if request.n == 1 else \
-            choice_progress(self.sessions.store.read(record.session_id, -1))
+            choice_progress(await self.sessions.store.read(record.session_id, -1))
         running = {i: progress.get(i, ([], None))[0] for i in range(request.n) if progress.get(i, ([], None))[1] is None}
         prompt, params = await self.prepare(request, continuing=True, rows=len(running))
         stream = open_stream(self.engine, request, record.session_id, self.settings.model_id, prompt.text,
@@ -87,7 +107,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         services: Services = app.state.services
         if settings.load_model_on_startup:
             engine.start()
-        services.sessions.start()
+        await services.sessions.start()
         yield
         await services.sessions.stop()
         engine.stop()
@@ -105,6 +125,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
         return error_response(exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable):
+        log.warning("session store unavailable: %s", exc)
+        return error_response(APIError(503, "the session store is unavailable; retry shortly", "service_unavailable",
+                                       code="store_unavailable", headers={"Retry-After": "1"}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):

@@ -26,6 +26,14 @@ class Metrics:
         self.resumes = Counter("qwenserve_resumes", "Streams resumed with Last-Event-ID or a known session",
                                registry=r)
         self.rejected = Counter("qwenserve_rejected", "Requests refused with 429", registry=r)
+        # Several replicas on one store: what this replica took, lost and was told by the others.
+        self.takeovers = Counter("qwenserve_sessions_taken_over", "Sessions this replica took over from "
+                                 "another (its producer died or handed it over)", registry=r)
+        self.fenced_appends = Counter("qwenserve_fenced_appends", "Appends refused by the lease fence "
+                                      "(another replica produces the session now); the generation stopped",
+                                      registry=r)
+        self.remote_cancels = Counter("qwenserve_cross_replica_cancels", "Generations on this replica "
+                                      "cancelled by a request that reached another replica", registry=r)
         engine.on_first_token = self.ttft.observe
         engine.on_finished = self.finished
         engine.on_rejected = self.rejected.inc

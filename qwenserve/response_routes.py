@@ -23,7 +23,7 @@ from .responses import (
     responses_request_from,
     stored_request,
 )
-from .sse import parse_last_event_id
+from .sse import new_seed, parse_last_event_id
 from .stores import RESPONSE, RUNNING, SessionRecord
 
 router = APIRouter()
@@ -48,26 +48,25 @@ class Responses:
         self.sessions.final_events |= FINAL_EVENTS
 
     # ---- records -----------------------------------------------------------------------------
-    def record(self, response_id: str, param: str | None = None, stored_only: bool = True
-               ) -> tuple[SessionRecord, dict]:
+    async def record(self, response_id: str, param: str | None = None, stored_only: bool = True
+                     ) -> tuple[SessionRecord, dict]:
         """A response's record and stored request; 404 for chat sessions and (`stored_only`) for responses
         made with `store: false`: only their own request sees them."""
-        record = self.sessions.store.get(response_id)
-        live = self.sessions.live.get(response_id)
-        if record is None or record.kind != RESPONSE or (live is not None and live.deleted):
+        record = await self.sessions.known(response_id)
+        if record is None or record.kind != RESPONSE:
             raise not_found(response_id, param)
         stored = json.loads(record.request_json)
         if stored_only and stored["request"].get("store") is False:
             raise not_found(response_id, param)
         return record, stored
 
-    def snapshot(self, response_id: str, stored_only: bool = True) -> dict:
+    async def snapshot(self, response_id: str, stored_only: bool = True) -> dict:
         """The response as it stands, from its stored events; `queued` before its first event."""
-        record, stored = self.record(response_id, stored_only=stored_only)
-        snapshot = Output.of(self.sessions.store.read(response_id, -1)).snapshot(record.state)
-        return snapshot or self.bare_stream(record, stored).response("queued")
+        record, stored = await self.record(response_id, stored_only=stored_only)
+        snapshot = Output.of(await self.sessions.store.read(response_id, -1)).snapshot(record.state)
+        return snapshot or (await self.bare_stream(record, stored)).response("queued")
 
-    def bare_stream(self, record: SessionRecord, stored: dict) -> ResponseStream:
+    async def bare_stream(self, record: SessionRecord, stored: dict) -> ResponseStream:
         """A stream object for a stored response without its prompt (no text to parse: for shapes only)."""
         try:
             echo = responses_request_from(stored["request"]).echo()
@@ -75,18 +74,18 @@ class Responses:
             echo = {}
         echo["model"] = self.svc.settings.model_id
         stream = ResponseStream(record.session_id, record.created, echo, "", False, record.background)
-        stream.restore(self.sessions.store.read(record.session_id, -1))
+        stream.restore(await self.sessions.store.read(record.session_id, -1))
         return stream
 
-    def history(self, previous_id: str | None) -> list[dict]:
+    async def history(self, previous_id: str | None) -> list[dict]:
         """A previous response's conversation and output, as chat messages."""
         if previous_id is None:
             return []
-        record, stored = self.record(previous_id, "previous_response_id")
+        record, stored = await self.record(previous_id, "previous_response_id")
         if record.state == RUNNING:
             raise APIError(400, f"response {previous_id!r} is still in progress", "invalid_request_error",
                            "previous_response_id", "previous_response_in_progress")
-        output = Output.of(self.sessions.store.read(previous_id, -1)).items
+        output = Output.of(await self.sessions.store.read(previous_id, -1)).items
         return stored["conversation"] + input_messages(output, "previous_response.output")
 
     # ---- starting ------------------------------------------------------------------------------
@@ -98,10 +97,12 @@ class Responses:
 
     async def create(self, body: dict) -> tuple[str, ResponsesRequest, list[ResponseStream]]:
         request = responses_request_from(body)
-        conversation = self.history(request.previous_response_id) + input_messages(request.input)
+        conversation = await self.history(request.previous_response_id) + input_messages(request.input)
         if not conversation:
             raise APIError(400, "input must hold at least one item", param="input", code="invalid_value")
-        chat_dict = chat_body(request, conversation)
+        # The server picks the seed and stores it in the chat body: a continuation (restart, takeover)
+        # samples the same tokens.
+        chat_dict = {**chat_body(request, conversation), "seed": new_seed()}
         chat = chat_request_from(chat_dict)
         response_id = new_response_id()
         made: list[ResponseStream] = []
@@ -127,12 +128,12 @@ class Responses:
             await asyncio.sleep(0.1)
         prompt, params = await self.svc.prepare(chat, continuing=True)
         stream = self.stream_for(request, chat, record.session_id, prompt.text, record.created)
-        stream.restore(self.sessions.store.read(record.session_id, -1))
+        stream.restore(await self.sessions.store.read(record.session_id, -1))
         return self.svc.engine.submit(prompt, params, {0: resume_ids}), stream
 
-    def failure_events(self, record: SessionRecord, message: str) -> list:
+    async def failure_events(self, record: SessionRecord, message: str) -> list:
         """A response that could not be continued ends with `response.failed` after its stored events."""
-        return self.bare_stream(record, json.loads(record.request_json)).fail(message)
+        return (await self.bare_stream(record, json.loads(record.request_json))).fail(message)
 
 
 def responses(request: Request) -> Responses:
@@ -154,20 +155,20 @@ async def create_response(request: Request):
         while task is not None and not task.done():
             await asyncio.wait({task}, timeout=0.25)
             if not task.done() and await request.is_disconnected():
-                svc.sessions.cancel(response_id)  # nobody is waiting for this answer any more
+                await svc.sessions.cancel(response_id)  # nobody is waiting for this answer any more
     except asyncio.CancelledError:  # the handler itself was cancelled (shutdown, client gone)
-        svc.sessions.cancel(response_id)
+        svc.sessions.cancel_soon(response_id)
         raise
-    return JSONResponse(responses(request).snapshot(response_id, stored_only=False))
+    return JSONResponse(await responses(request).snapshot(response_id, stored_only=False))
 
 
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(request: Request, response_id: str):
     service = responses(request)
-    record, _ = service.record(response_id)
+    record, _ = await service.record(response_id)
     query = request.query_params
     if query.get("stream", "false").lower() != "true":
-        return JSONResponse(service.snapshot(response_id))
+        return JSONResponse(await service.snapshot(response_id))
     after = -1
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None:
@@ -177,7 +178,7 @@ async def retrieve_response(request: Request, response_id: str):
                            code="session_mismatch")
     elif query.get("starting_after") is not None:
         after = _sequence(query["starting_after"])
-    service.sessions.check_index(record, after)
+    await service.sessions.check_index(record, after)
     return StreamingResponse(service.sessions.follow(response_id, after), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
@@ -196,17 +197,15 @@ def _sequence(value: str) -> int:
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str):
     service = responses(request)
-    service.record(response_id)
-    service.sessions.cancel(response_id)  # idempotent: an ended response stays as it ended
-    task = service.sessions.producer(response_id)
-    if task is not None and not task.done():
-        await asyncio.wait({task}, timeout=CANCEL_WAIT_SECONDS)
-    return JSONResponse(service.snapshot(response_id))
+    await service.record(response_id)
+    await service.sessions.cancel(response_id)  # idempotent: an ended response stays as it ended
+    await service.sessions.wait_ended(response_id, CANCEL_WAIT_SECONDS)  # on whichever replica produces it
+    return JSONResponse(await service.snapshot(response_id))
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str):
     service = responses(request)
-    service.record(response_id)
-    service.sessions.delete(response_id)
+    await service.record(response_id)
+    await service.sessions.delete(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}

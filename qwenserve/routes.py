@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .completions import open_stream
 from .protocol import APIError, ChatCompletionRequest, chat_request_from, models_body, parse_json_object
-from .sse import new_session_id
+from .sse import new_session_id, with_seed
 
 router = APIRouter()
 
@@ -23,7 +23,8 @@ def services(request: Request):
 @router.get("/health")
 async def health(request: Request):
     engine = services(request).engine
-    return {"ok": True, "modelReady": engine.ready.is_set(), "modelId": engine.model_id, "error": engine.error}
+    return {"ok": True, "modelReady": engine.ready.is_set(), "modelId": engine.model_id, "error": engine.error,
+            **getattr(engine, "runtime", {})}
 
 
 @router.get("/metrics")
@@ -78,6 +79,11 @@ async def _complete(request: Request, svc, chat: ChatCompletionRequest):
 
 async def _stream(request: Request, svc, chat: ChatCompletionRequest, body: dict):
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    # A new session without a seed gets one, stored with it: a continuation (restart, takeover) samples
+    # the same tokens. The client's body, without it, stays what makes a re-post the same session.
+    stored = with_seed(body)
+    if chat.seed is None:
+        chat = chat.model_copy(update={"seed": stored["seed"]})
 
     async def start(session_id: str):
         """Runs once per new session: identical requests racing for its id wait and read the same stream."""
@@ -87,28 +93,28 @@ async def _stream(request: Request, svc, chat: ChatCompletionRequest, body: dict
         svc.metrics.requests.labels(stream="true").inc()
         return generation, stream
 
-    session_id, after = await svc.sessions.open_stream(chat, body, last_event_id, start)
+    session_id, after = await svc.sessions.open_stream(chat, body, last_event_id, start, stored)
     return StreamingResponse(svc.sessions.follow(session_id, after), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
 @router.get("/v1/sessions/{session_id}")
 async def session_state(request: Request, session_id: str):
-    return services(request).sessions.describe(session_id)
+    return await services(request).sessions.describe(session_id)
 
 
 @router.get("/v1/sessions/{session_id}/events")
 async def session_events(request: Request, session_id: str):
     sessions = services(request).sessions
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    session_id, after = sessions.resolve(session_id, last_event_id)
+    session_id, after = await sessions.resolve(session_id, last_event_id)
     return StreamingResponse(sessions.follow(session_id, after), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
 @router.post("/v1/cancel/{session_id}")
 async def cancel(request: Request, session_id: str):
-    record = services(request).sessions.cancel(session_id)
+    record = await services(request).sessions.cancel(session_id)
     # Idempotent: cancelling a session that already ended is a no-op that still answers 200.
     return {"id": session_id, "object": "chat.completion.session", "state": record.state,
             "cancel_requested": record.state == "running"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import uuid
 
 from .chat_stream import DONE, ChunkEvent
@@ -14,6 +15,15 @@ from .stores import SessionRecord, StoredEvent
 
 def new_session_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def with_seed(body: dict) -> dict:
+    """The body to store with a new session: the client's, with a random 63-bit seed when it names none."""
+    return body if body.get("seed") is not None else {**body, "seed": new_seed()}
+
+
+def new_seed() -> int:
+    return secrets.randbits(63)
 
 
 def request_fingerprint(body: dict) -> str:

@@ -5,6 +5,7 @@ response that survives kill -9."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -214,7 +215,7 @@ def test_background_keeps_running_without_readers(server_factory, endless_ckpt):
     first = next(iter(background))
     background.close()
     streamed = raw_stream(server.url, "/v1/responses", "POST", max_events=5,
-                          json={"model": "m", "input": "go", "stream": True, "max_output_tokens": 100000})
+                          json={"model": "m", "input": "go", "stream": True, "max_output_tokens": 20000})
     stream_id = json.loads(streamed[0][2])["response"]["id"]
     final = raw_stream(server.url, f"/v1/responses/{first.response.id}", params={"stream": "true"})
     assert json.loads(final[-1][2])["response"]["status"] == "incomplete"
@@ -289,20 +290,7 @@ def test_old_databases_open_unchanged(tmp_path):
                 token_ids TEXT NOT NULL, PRIMARY KEY (session_id, idx)) WITHOUT ROWID;
             INSERT INTO sessions VALUES ('old', 'h', '{}', 1, 'finished', 1, 5.0);
             INSERT INTO events VALUES ('old', 0, '[DONE]', '[]');""")
-    store = SQLiteStore(str(db))
-    record = store.get("old")
-    assert (record.kind, record.background, record.state) == ("chat", False, "finished")
-    assert [(e.data, e.event) for e in store.read("old", -1)] == [("[DONE]", None)]
-    store.create(SessionRecord("resp_1", "h", "{}", 1, kind="response", background=True))
-    store.append("resp_1", [StoredEvent(0, '{"type":"response.created"}', [5], "response.created")])
-    store.set_state("resp_1", "finished")
-    assert (store.get("resp_1").kind, store.get("resp_1").background) == ("response", True)
-    assert store.read("resp_1", -1) == [StoredEvent(0, '{"type":"response.created"}', [5], "response.created")]
-    assert store.delete_expired(10, now=14.0, response_ttl_seconds=1e6) == []
-    assert store.delete_expired(10, now=15.0, response_ttl_seconds=1e6) == ["old"]
-    assert store.delete_expired(10, now=time.time() + 2, response_ttl_seconds=1) == ["resp_1"]
-    assert store.read("resp_1", -1) == [] and store.get("resp_1") is None
-    store.close()
+    asyncio.run(_old_database_checks(SQLiteStore(str(db))))
     with sqlite3.connect(db) as conn:  # the first tables keep their columns: older code still reads them
         assert len(conn.execute("SELECT * FROM sessions").description) == 7
         assert len(conn.execute("SELECT * FROM events").description) == 4
@@ -352,3 +340,19 @@ def test_json_schema_format(server_factory, text_ckpt_structured):  # noqa: F811
     as_object = server.client().responses.create(model="m", input="Weather in Paris?", temperature=0,
                                                  text={"format": {"type": "json_object"}})
     assert json.loads(as_object.output_text) == {"Paris": 7}
+
+
+async def _old_database_checks(store: SQLiteStore) -> None:
+    record = await store.get("old")
+    assert (record.kind, record.background, record.state) == ("chat", False, "finished")
+    assert [(e.data, e.event) for e in await store.read("old", -1)] == [("[DONE]", None)]
+    await store.create(SessionRecord("resp_1", "h", "{}", 1, kind="response", background=True))
+    await store.append("resp_1", [StoredEvent(0, '{"type":"response.created"}', [5], "response.created")])
+    await store.set_state("resp_1", "finished")
+    assert ((await store.get("resp_1")).kind, (await store.get("resp_1")).background) == ("response", True)
+    assert await store.read("resp_1", -1) == [StoredEvent(0, '{"type":"response.created"}', [5], "response.created")]
+    assert await store.delete_expired(10, now=14.0, response_ttl_seconds=1e6) == []
+    assert await store.delete_expired(10, now=15.0, response_ttl_seconds=1e6) == ["old"]
+    assert await store.delete_expired(10, now=time.time() + 2, response_ttl_seconds=1) == ["resp_1"]
+    assert await store.read("resp_1", -1) == [] and await store.get("resp_1") is None
+    await store.close()

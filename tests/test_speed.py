@@ -101,6 +101,9 @@ def test_prompt_plus_max_tokens_must_fit_a_slot(server_factory, text_ckpt):
     prompt_tokens = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=1),
                                timeout=60).json()["usage"]["prompt_tokens"]
     room = 64 - prompt_tokens
+    health = httpx.get(server.url + "/health").json()
+    assert health["kvCache"]["tokensPerSlot"] == 64 and health["kvCache"]["bytes"] > 0
+    assert health["quantization"] == "none" and health["compiled"] is False
     fits = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=room), timeout=60)
     assert fits.status_code == 200 and fits.json()["usage"]["total_tokens"] <= 64
     over = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=room + 1), timeout=60)
@@ -112,7 +115,9 @@ def test_prompt_plus_max_tokens_must_fit_a_slot(server_factory, text_ckpt):
 
 def test_int8_weights_keep_the_designed_reply(server_factory, text_ckpt):
     plain = greedy(server_factory(text_ckpt, TORCH_DTYPE="bfloat16"), "hi", 50)
-    assert greedy(server_factory(text_ckpt, TORCH_DTYPE="bfloat16", QUANTIZATION="int8"), "hi", 50) == plain
+    quantized = server_factory(text_ckpt, TORCH_DTYPE="bfloat16", QUANTIZATION="int8")
+    assert httpx.get(quantized.url + "/health").json()["quantization"] == "int8"
+    assert greedy(quantized, "hi", 50) == plain
     assert plain == "Hello from a text model."
 
 
@@ -132,6 +137,7 @@ def test_compiled_decode_equals_eager(server_factory, random_text_ckpt, fp32_ser
     compiled = server_factory(random_text_ckpt, TORCH_DTYPE="float32", COMPILE=setting, MAX_CONCURRENT_REQUESTS=4,
                               KV_CACHE_TOKENS=256)
     assert "decode step compiled" in compiled.log_path.read_text()
+    assert httpx.get(compiled.url + "/health").json()["compiled"] is True
     assert [greedy(compiled, p) for p in PROMPTS[:2]] == [greedy(fp32_server, p) for p in PROMPTS[:2]]
 
 

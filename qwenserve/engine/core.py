@@ -83,9 +83,14 @@ class Engine(InferenceLoop):
         return min(self.loaded.context_length, self.settings.kv_cache_tokens) if self.loaded else 0
 
     @property
-    def kv_cache(self) -> dict | None:
-        """The KV cache as allocated at start-up (for /health and /metrics)."""
-        return self.decoder.cache.describe() if self.decoder else None
+    def runtime(self) -> dict:
+        """What decoding runs on, once loaded (for /health): the KV cache as allocated at start-up,
+        the weights' dtype and quantization, and whether the decode step is compiled."""
+        if not self.decoder or not self.loaded:
+            return {}
+        return {"kvCache": self.decoder.cache.describe(), "dtype": str(self.decoder.cache.keys[0].dtype),
+                "quantization": self.loaded.quantization,
+                "compiled": self.decoder.decode_step != self.decoder.decode}
 
     @property
     def constraints(self):
