@@ -128,14 +128,18 @@ class InferenceLoop:
             self._finish(row, "length")  # its held-back text went out with the last stored event
         return not row.done
 
+    def _uncancelled(self, rows: list[Row]) -> list[Row]:
+        """The rows whose cancel event is not set; the others finish (reason `cancelled`) here."""
+        for row in rows:
+            if row.job.cancelled:
+                self._finish(row, "cancelled")
+        return [row for row in rows if not row.done]
+
     # ---- chunked prefill -----------------------------------------------------------------
     def _prefill_chunk(self, batch: Batch) -> None:
         """Up to PREFILL_CHUNK_TOKENS (padded) of waiting prompts in one pass; rows whose prompt is
         complete get their first token."""
-        for row in batch.prefilling():
-            if row.job.cancelled:
-                self._finish(row, "cancelled")
-        waiting = batch.prefilling()
+        waiting = self._uncancelled(batch.prefilling())
         if not waiting:
             return
         budget = self.settings.prefill_chunk_tokens
@@ -172,10 +176,7 @@ class InferenceLoop:
     # ---- decoding ------------------------------------------------------------------------
     @torch.inference_mode()
     def _step(self, batch: Batch) -> None:
-        for row in batch.decoding():
-            if row.job.cancelled:
-                self._finish(row, "cancelled")
-        rows = batch.decoding()
+        rows = self._uncancelled(batch.decoding())
         if not rows:
             return
         tokens, positions, lengths, span = batch.step_inputs(rows, self.loaded.device)
