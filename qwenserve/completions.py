@@ -26,9 +26,9 @@ def sampling_params(request: ChatCompletionRequest, settings: Settings, prompt_t
                           f"{context_length} tokens", "messages", "context_length_exceeded")
     requested = request.requested_max_tokens()
     if requested and requested > room:
-        raise bad_request(f"max_tokens is {requested}, but the prompt has {prompt_tokens} tokens and one request "
-                          f"holds at most {context_length} (prompt + max_tokens: the model's context or "
-                          "KV_CACHE_TOKENS)", "max_tokens", "context_length_exceeded")
+        raise bad_request(f"the prompt's {prompt_tokens} tokens plus max_tokens exceed the {context_length} tokens "
+                          f"one request may hold (the model's context or KV_CACHE_TOKENS); at most "
+                          f"{room} tokens can be generated", "max_tokens", "context_length_exceeded")
     stops = request.stop_list()
     if len(stops) > settings.max_stop_sequences:
         raise bad_request(f"at most {settings.max_stop_sequences} stop sequences are allowed", "stop")

@@ -20,7 +20,10 @@ def prompt_token_count(ckpt, messages, **template_kwargs) -> int:
 
 def test_health_and_models(vl_server, vl_ckpt):
     health = httpx.get(vl_server.url + "/health").json()
-    assert health == {"ok": True, "modelReady": True, "modelId": vl_ckpt.name, "error": None}
+    assert {k: health[k] for k in ("ok", "modelReady", "modelId", "error")} == \
+        {"ok": True, "modelReady": True, "modelId": vl_ckpt.name, "error": None}
+    assert health["kvCache"]["slots"] == 16 and health["dtype"] == "torch.float32"
+    assert health["quantization"] == "none" and health["compiled"] is False
     models = vl_server.client().models.list()
     assert [m.id for m in models.data] == [vl_ckpt.name]
 
