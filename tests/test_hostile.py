@@ -869,7 +869,7 @@ RAW_CASES = [
     (VALID + b',"x":1' + b"0" * 5000 + b"}", JSON, (400,)),
     (VALID + b',"top_k":-1' + b"0" * 5000 + b"}", JSON, (400,)),
     (VALID + b',"seed":1' + b"0" * 4000 + b"}", JSON, (400,)),
-    (VALID + b',"max_completion_tokens":1' + b"0" * 4000 + b"}", JSON, (200,)),
+    (VALID + b',"max_completion_tokens":1' + b"0" * 4000 + b"}", JSON, (400,)),  # more than a slot holds
     (b'{"messages":[{"role":"user","content":"\\ud800"}]}', JSON, (400,)),
     (b'{"messages":[{"role":"user","content":"hi"}],"\\udfff":1}', JSON, (400,)),
     (b'{"messages":[{"role":"user","content":"hi"}],"model":"\\ud83d"}', JSON, (400,)),
