@@ -38,8 +38,7 @@ class InferenceLoop:
             try:
                 self._admit(batch)
                 self._prefill_chunk(batch)
-                if batch.decoding():
-                    self._step(batch)
+                self._step(batch)
                 batch.drop_done()
                 self.running_count = len(batch.rows)
             except Exception as exc:
