@@ -15,7 +15,8 @@ import torch
 
 from qwenserve.config import Settings
 from qwenserve.engine import Engine
-from qwenserve.engine.kernels import Int8Linear, RowLinear
+from qwenserve.engine import native
+from qwenserve.engine.kernels import Int8Linear, PackedEmbedding, PackedLinear, RowLinear, prepare_linears
 from qwenserve.sampling import SamplingParams, step_seed
 
 from .helpers import chat_body, read_sse
@@ -128,8 +129,69 @@ def test_int8_and_row_kernels_match_linear():
         x = torch.randn(rows, 1, 256, dtype=torch.bfloat16)
         reference = linear(x).float()
         assert torch.allclose(RowLinear(linear)(x).float(), reference, rtol=0.02, atol=0.02)
-        error = (Int8Linear(linear)(x).float() - reference).abs().max() / reference.abs().max()
+        error = (Int8Linear.quantize(linear)(x).float() - reference).abs().max() / reference.abs().max()
         assert error < 0.02
+
+
+needs_amx = pytest.mark.skipif(native.library() is None, reason="no AMX (or no C compiler) on this machine")
+
+
+@needs_amx
+def test_packed_kernel_matches_linear_and_ignores_the_batch():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True).to(torch.bfloat16)  # 80 outputs: four tiles and one more
+    packed = PackedLinear.pack(linear)
+    x = torch.randn(37, 96, dtype=torch.bfloat16)  # more than one block of 16 rows
+    out = packed(x)
+    reference = linear(x).float()
+    assert (out.float() - reference).abs().max() / reference.abs().max() < 0.01
+    for row in (0, 16, 36):  # a row alone gives exactly what it gave in the batch
+        assert torch.equal(packed(x[row:row + 1]), out[row:row + 1])
+    assert torch.equal(packed.rows(16, 48)(x), out[:, 16:48])
+
+
+@needs_amx
+def test_tied_embedding_reads_the_packed_head():
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(64, 32).to(torch.bfloat16)
+            self.layers = []
+
+    class Owner(torch.nn.Module):
+        def __init__(self, text):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(32, 64, bias=False).to(torch.bfloat16)
+            self.lm_head.weight = text.embed_tokens.weight
+
+    text = Text()
+    owner = Owner(text)
+    table = text.embed_tokens.weight.detach().clone()
+    text.layers = [_layer_stub()]
+    prepare_linears(text, owner, "none")
+    assert isinstance(text.embed_tokens, PackedEmbedding) and isinstance(owner.lm_head, PackedLinear)
+    ids = torch.tensor([[0, 5, 63], [17, 17, 2]])
+    assert torch.equal(text.embed_tokens(ids), table[ids])
+    with pytest.raises(IndexError):
+        text.embed_tokens(torch.tensor([64]))
+
+
+def _layer_stub() -> torch.nn.Module:
+    """A decoder layer's projections (names as in Qwen3), for prepare_linears."""
+    layer, attn, mlp = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+    for parent, names, shape in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj"), (32, 32)),
+                                 (mlp, ("gate_proj", "up_proj"), (64, 32)), (mlp, ("down_proj",), (32, 64))):
+        for name in names:
+            setattr(parent, name, torch.nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16))
+    layer.self_attn, layer.mlp = attn, mlp
+    return layer
+
+
+def test_bf16_server_reports_its_kernels(server_factory, random_text_ckpt):
+    server = server_factory(random_text_ckpt, TORCH_DTYPE="bfloat16", MAX_CONCURRENT_REQUESTS=2,
+                            KV_CACHE_TOKENS=256)
+    health = httpx.get(server.url + "/health").json()
+    assert health["kernels"] == ("amx" if native.library() is not None else "torch")
 
 
 @pytest.mark.parametrize("setting", ["1"])

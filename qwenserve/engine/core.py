@@ -89,7 +89,7 @@ class Engine(InferenceLoop):
         if not self.decoder or not self.loaded:
             return {}
         return {"kvCache": self.decoder.cache.describe(), "dtype": str(self.decoder.cache.keys[0].dtype),
-                "quantization": self.loaded.quantization,
+                "quantization": self.loaded.quantization, "kernels": self.loaded.kernels,
                 "compiled": self.decoder.decode_step != self.decoder.decode}
 
     @property

@@ -73,9 +73,10 @@ class TextDecoder:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = layer.qkv(x)  # kernels.Fused
+        q = attn.q_norm(q.reshape(shape)).transpose(1, 2)
+        k = attn.k_norm(k.reshape(shape)).transpose(1, 2)
+        v = v.reshape(shape).transpose(1, 2)
         q, k = self.apply_rope(q, k, cos, sin)
         return q, k, v
 
@@ -88,7 +89,8 @@ class TextDecoder:
     def _finish(layer, hidden, attended):
         out = attended.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         hidden = hidden + layer.self_attn.o_proj(out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        gate, up = layer.gate_up(layer.post_attention_layernorm(hidden))  # kernels.Fused
+        return hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.owner.lm_head(self.norm(hidden)).float()

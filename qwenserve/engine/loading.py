@@ -30,6 +30,7 @@ class LoadedModel:
     template_variables: frozenset[str] | None
     constraints: ConstraintFactory | None  # None: structured outputs unavailable (logged at load)
     quantization: str = "none"  # what runtime.build_decoder applied
+    kernels: str = "torch"  # "amx" where runtime.build_decoder packed the projections (kernels.py)
 
     @property
     def may_think(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 from ..config import Settings
 from .cache import SlotCache
 from .forward import TextDecoder
-from .kernels import prepare_linears
+from .kernels import in_use, prepare_linears
 from .loading import LoadedModel
 
 log = logging.getLogger("qwenserve.engine")
@@ -20,11 +20,12 @@ log = logging.getLogger("qwenserve.engine")
 def build_decoder(loaded: LoadedModel, settings: Settings) -> TextDecoder:
     model = loaded.model
     text = model.model.language_model if loaded.is_multimodal else model.model
-    loaded.quantization = prepare_linears(text.layers, model, settings.quantization)
+    loaded.quantization = prepare_linears(text, model, settings.quantization)
+    loaded.kernels = in_use(model)
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = SlotCache(config.num_hidden_layers, settings.max_concurrent_requests, settings.kv_cache_tokens,
-                      config.num_key_value_heads, head_dim, text.embed_tokens.weight.dtype, loaded.device)
+                      config.num_key_value_heads, head_dim, text.norm.weight.dtype, loaded.device)
     log.info("KV cache: %d slots x %d tokens, %.1f MiB", cache.slots, cache.tokens, cache.bytes / 2 ** 20)
     decoder = TextDecoder(model, loaded.is_multimodal, cache)
     if wants_compile(settings.compile, loaded.device):

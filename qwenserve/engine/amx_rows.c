@@ -1,0 +1,146 @@
+// y[m, n] = sum_k x[m, k] * w[n, k] with Intel AMX tiles, over weights packed once at start-up.
+//
+// Why: a decode step of 16 rows is a matrix of 16 rows against every weight; AVX-512 dot products
+// (bf16_rows.c) are compute-bound there on this CPU, and torch's kernel reads the weights at about
+// half the memory rate (CLAUDE.md, "bf16 kernels"). One AMX tile product multiplies 16 rows by a
+// 32 x 16 block of weights, so the weights stream at the memory rate for 1 to 16 rows alike.
+//
+// Packed layout (amx_pack): for each block of 16 outputs and each 32 inputs, 1 KiB holding 16 rows
+// (pairs of inputs) of 16 outputs x 2 inputs: the layout of an AMX B tile. Blocks of one output block
+// follow each other, so a block of outputs is one sequential read.
+//
+// Each output is computed by the same tile operations whatever M or the thread, so a row's result
+// does not depend on the other rows of its batch (batched decoding equals solo decoding).
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define GROUP 4  // output blocks of 16 computed together (4 accumulator tiles)
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+// The kernel asks Linux for AMX once per process; 0 where it is refused.
+int amx_init(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+// w: [N, K] bf16 -> packed [N / 16, K / 32, 16, 32]; N a multiple of 16, K of 32.
+void amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K) {
+    int64_t blocks_k = K / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < N / 16; nb++)
+        for (int64_t kb = 0; kb < blocks_k; kb++) {
+            uint16_t *out = packed + (nb * blocks_k + kb) * 512;
+            for (int pair = 0; pair < 16; pair++)
+                for (int n = 0; n < 16; n++)
+                    for (int e = 0; e < 2; e++)
+                        out[pair * 32 + n * 2 + e] = w[(nb * 16 + n) * K + kb * 32 + pair * 2 + e];
+        }
+}
+
+static void configure(int rows) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 7; t++) config.colsb[t] = 64;  // tile 7 unused: a tile without rows must have no columns
+    for (int t = 0; t < GROUP; t++) config.rows[t] = rows;  // accumulators: rows x 16 fp32
+    config.rows[4] = rows;                                  // activations: rows x 32 bf16
+    config.rows[5] = config.rows[6] = 16;                   // weights: 16 pairs x 16 outputs
+    _tile_loadconfig(&config);
+}
+
+static inline uint16_t round_bf16(float value) {
+    union { float f; uint32_t u; } bits = {value};
+    if ((bits.u & 0x7F800000u) == 0x7F800000u) return (uint16_t)(bits.u >> 16);  // inf, nan
+    return (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
+}
+
+static void store(int tile, uint16_t *y, int64_t m, int rows, int64_t n, int64_t N) {
+    float out[16 * 16];
+    switch (tile) {  // tile numbers are immediates
+        case 0: _tile_stored(0, out, 64); break;
+        case 1: _tile_stored(1, out, 64); break;
+        case 2: _tile_stored(2, out, 64); break;
+        default: _tile_stored(3, out, 64); break;
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 16; c++) y[(m + r) * N + n + c] = round_bf16(out[r * 16 + c]);
+}
+
+// Four output blocks from nb against activation rows m..m+rows.
+static void group_of_four(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t nb, int64_t m,
+                          int rows, int64_t N, int64_t K) {
+    int64_t blocks_k = K / 32, stride = blocks_k * 512;
+    const uint16_t *b = packed + nb * stride;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kb = 0; kb < blocks_k; kb++, b += 512) {
+        _tile_loadd(4, x + m * K + kb * 32, K * 2);
+        _tile_loadd(5, b, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, b + stride, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, b + 2 * stride, 64);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, b + 3 * stride, 64);
+        _tile_dpbf16ps(3, 4, 6);
+    }
+    for (int t = 0; t < GROUP; t++) store(t, y, m, rows, (nb + t) * 16, N);
+}
+
+// One output block (the last ones of an N that is not a multiple of 64): the same operations per output.
+static void single_block(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t nb, int64_t m,
+                         int rows, int64_t N, int64_t K) {
+    int64_t blocks_k = K / 32;
+    const uint16_t *b = packed + nb * blocks_k * 512;
+    _tile_zero(0);
+    for (int64_t kb = 0; kb < blocks_k; kb++, b += 512) {
+        _tile_loadd(4, x + m * K + kb * 32, K * 2);
+        _tile_loadd(5, b, 64);
+        _tile_dpbf16ps(0, 4, 5);
+    }
+    store(0, y, m, rows, nb * 16, N);
+}
+
+// x: [M, K] bf16, y: [M, N] bf16, packed as amx_pack left it.
+void amx_rows(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K,
+              int threads) {
+    int64_t blocks_n = N / 16, groups = (blocks_n + GROUP - 1) / GROUP;
+    #pragma omp parallel num_threads(threads)
+    {
+        int configured = -1;
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t nb = g * GROUP;
+            for (int64_t m = 0; m < M; m += 16) {
+                int rows = M - m < 16 ? (int)(M - m) : 16;
+                if (rows != configured) configure(configured = rows);
+                if (nb + GROUP <= blocks_n) group_of_four(packed, x, y, nb, m, rows, N, K);
+                else
+                    for (int64_t b = nb; b < blocks_n; b++) single_block(packed, x, y, b, m, rows, N, K);
+            }
+        }
+        if (configured >= 0) _tile_release();
+    }
+}
+
+// Rows `ids` of the weight, unpacked into out [count, K]: an embedding tied to a packed lm_head.
+void amx_gather(const uint16_t *packed, const int64_t *ids, uint16_t *out, int64_t count, int64_t K) {
+    int64_t blocks_k = K / 32;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t nb = ids[i] / 16, n = ids[i] % 16;
+        for (int64_t kb = 0; kb < blocks_k; kb++) {
+            const uint16_t *block = packed + (nb * blocks_k + kb) * 512;
+            for (int pair = 0; pair < 16; pair++)
+                for (int e = 0; e < 2; e++) out[i * K + kb * 32 + pair * 2 + e] = block[pair * 32 + n * 2 + e];
+        }
+    }
+}
