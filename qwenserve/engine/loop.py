@@ -1,8 +1,9 @@
 """The inference loop, run by one thread that owns the model. Each turn: admit queued jobs into free
-slots of the KV cache, prefill at most PREFILL_CHUNK_TOKENS of waiting prompts (so that a long prompt
-loads in chunks between decode steps instead of stalling every stream), then one decode step for
-every decoding row, each sampled with its own parameters. A failure is contained: a failing prefill
-group is retried row by row, and a row whose sampling fails is failed alone."""
+slots of the KV cache, prefill one chunk of waiting prompts (so that a long prompt loads in chunks
+between decode steps instead of stalling every stream; while rows decode, the chunk is sized by time,
+see `pacing.py`), then one decode step for every decoding row, each sampled with its own parameters.
+A failure is contained: a failing prefill group is retried row by row, and a row whose sampling
+fails is failed alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..decoding import TextPipeline
 from ..sampling import RowSampler
 from .batch import Batch, Row
 from .jobs import EngineOutput, Generation
+from .pacing import PrefillPacer, Stopwatch
 
 log = logging.getLogger("qwenserve.engine")
 
@@ -34,6 +36,7 @@ class InferenceLoop:
 
     def _loop(self) -> None:
         batch = Batch(self.decoder.cache)
+        self.pacer = PrefillPacer(self.settings.prefill_chunk_tokens, self.settings.prefill_stall_factor)
         while not self._stopping.is_set():
             try:
                 self._admit(batch)
@@ -136,12 +139,12 @@ class InferenceLoop:
 
     # ---- chunked prefill -----------------------------------------------------------------
     def _prefill_chunk(self, batch: Batch) -> None:
-        """Up to PREFILL_CHUNK_TOKENS (padded) of waiting prompts in one pass; rows whose prompt is
-        complete get their first token."""
+        """Up to the pacer's budget (rows x padded width; PREFILL_CHUNK_TOKENS when no row decodes) of
+        waiting prompts in one pass; rows whose prompt is complete get their first token."""
         waiting = self._uncancelled(batch.prefilling())
         if not waiting:
             return
-        budget = self.settings.prefill_chunk_tokens
+        budget = self.pacer.budget(decoding=any(row.decoding for row in batch.rows))
         group, width = [waiting[0]], min(len(waiting[0].prefill), budget)
         for row in waiting[1:]:
             wider = max(width, min(len(row.prefill), budget))
@@ -152,7 +155,9 @@ class InferenceLoop:
 
     def _prefill_group(self, group: list[Row], width: int) -> None:
         try:
+            watch = Stopwatch()
             logits = self._prefill_logits(group, width)
+            self.pacer.observe_prefill(len(group) * width, watch.seconds(logits))
         except Exception as exc:
             if len(group) > 1:
                 for row in group:
@@ -178,12 +183,14 @@ class InferenceLoop:
         rows = self._uncancelled(batch.decoding())
         if not rows:
             return
+        watch = Stopwatch()
         tokens, positions, lengths, span = batch.step_inputs(rows, self.loaded.device)
         logits = self.decoder.decode_step(tokens, positions, lengths, span)
         best = logits.argmax(dim=-1).tolist()  # every greedy row in one op
         for row in rows:
             row.length += 1
             self._sample_and_accept(row, logits[row.slot], best[row.slot])
+        self.pacer.observe_step(watch.seconds())
 
     def _sample_and_accept(self, row: Row, logits: torch.Tensor, best: int | None = None) -> None:
         """One row's sampling and text work: a failure here fails that row alone."""

@@ -1,0 +1,82 @@
+"""How many prompt tokens the next prefill pass may take (issue 10, point 4).
+
+While rows decode, a prefill pass sits between two of their decode steps, so its time is added to
+every running stream's inter-token gap. The pass is therefore sized by time: it may take at most
+PREFILL_STALL_FACTOR times a decode step, and a gap stays near (1 + factor) steps. Both costs are
+measured online, on this machine and this model, as the loop runs:
+
+- the decode step: an exponential average (weight `STEP_WEIGHT`) of the measured steps, so one slow
+  step (a noisy neighbour) moves the budget by half, and a batch that grows is followed within steps;
+- the prefill cost per token (rows x padded width, what a pass computes): it follows a rise at once
+  and a fall by an exponential average (weight `FALL_WEIGHT`). A rise is what makes a gap too long:
+  later chunks of a long prompt attend to more keys and cost more per token. Consecutive chunks differ
+  by one chunk's worth of keys (tens of tokens next to hundreds or thousands), so the last pass's cost
+  predicts the next one's within a few percent, and taking every rise at once keeps that lag to one
+  chunk. A fall (a short prompt after a long one, noise ending) is trusted gradually.
+
+A pass also has a cost of its own (every weight is read once, whatever the chunk), which a per-token
+rate spreads over the tokens: measured on a large pass it underestimates a small one by that cost's
+share of the budget (a few percent for compute-bound prefill). The small pass then measures dearer,
+a rise taken at once, and the overrun shrinks pass by pass, each time by that same share.
+
+Nothing decoding: PREFILL_CHUNK_TOKENS (the prompt's first token as soon as possible; the pass is
+still measured). Decoding but a cost not measured yet (a media prompt decoding before any text
+prefill or step): `MIN_CHUNK_TOKENS`, a cheap probe, then the measurement. PREFILL_STALL_FACTOR=0
+turns pacing off: chunks are always PREFILL_CHUNK_TOKENS."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# The smallest paced chunk: the smallest PREFILL_CHUNK_TOKENS the settings accept, so that a prompt
+# always progresses (a 4,000-token prompt in at most 250 turns). Below it, the per-pass cost (every
+# weight read once) dominates: smaller chunks would barely shorten a gap but would slow the prompt.
+MIN_CHUNK_TOKENS = 16
+STEP_WEIGHT = 0.5  # weight of a new decode step time in its average
+FALL_WEIGHT = 0.5  # weight of a new per-token prefill cost when it is lower than the estimate
+
+
+class PrefillPacer:
+    """The decode step and per-token prefill estimates, and the chunk budget they give."""
+
+    def __init__(self, chunk_tokens: int, stall_factor: float):
+        self.chunk_tokens = chunk_tokens
+        self.stall_factor = stall_factor
+        self.step_seconds: float | None = None
+        self.token_seconds: float | None = None
+
+    def observe_step(self, seconds: float) -> None:
+        previous = self.step_seconds
+        self.step_seconds = seconds if previous is None else previous + STEP_WEIGHT * (seconds - previous)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        rate = seconds / max(tokens, 1)
+        previous = self.token_seconds
+        if previous is None or rate >= previous:
+            self.token_seconds = rate
+        else:
+            self.token_seconds = previous + FALL_WEIGHT * (rate - previous)
+
+    def budget(self, decoding: bool) -> int:
+        """Tokens (rows x padded width) the next prefill pass may take."""
+        if not decoding or self.stall_factor == 0:
+            return self.chunk_tokens
+        if self.step_seconds is None or self.token_seconds is None:
+            return min(MIN_CHUNK_TOKENS, self.chunk_tokens)
+        tokens = int(self.stall_factor * self.step_seconds / max(self.token_seconds, 1e-9))
+        return max(MIN_CHUNK_TOKENS, min(tokens, self.chunk_tokens))
+
+
+class Stopwatch:
+    """Seconds since it was made; on a GPU it first waits for the queued work (timings of launches
+    alone would be charged to whatever synchronizes next, the decode step)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def seconds(self, result: torch.Tensor | None = None) -> float:
+        if result is not None and result.device.type == "cuda":
+            torch.cuda.synchronize(result.device)
+        return time.perf_counter() - self.started

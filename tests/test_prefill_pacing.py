@@ -1,0 +1,204 @@
+"""Prefill chunks sized by time while streams decode (PREFILL_STALL_FACTOR): the pacer's arithmetic,
+the setting's bounds, and a long prompt arriving beside a running stream on a real engine. Timings
+are only ever compared with timings of the same run, never with absolute numbers."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from qwenserve import checkpoints
+from qwenserve.app import create_app
+from qwenserve.config import Settings
+from qwenserve.engine import Engine
+from qwenserve.engine.pacing import MIN_CHUNK_TOKENS, PrefillPacer
+
+from .helpers import InProcessServer, chat_body
+
+# ---- the pacer ------------------------------------------------------------------------------------
+
+
+def measured(step: float = 0.010, token: float = 0.0001, chunk: int = 512, factor: float = 2.0) -> PrefillPacer:
+    pacer = PrefillPacer(chunk, factor)
+    pacer.observe_step(step)
+    pacer.observe_prefill(100, token * 100)
+    return pacer
+
+
+def test_budget_is_the_stall_factor_times_a_step_in_tokens():
+    assert measured().budget(decoding=True) == 200  # 2 x 10 ms / 0.1 ms a token
+    assert measured(factor=0.5).budget(decoding=True) == 50
+
+
+def test_budget_stays_between_the_minimum_and_the_chunk_setting():
+    assert measured(token=0.01).budget(decoding=True) == MIN_CHUNK_TOKENS == 16  # 2 tokens' worth
+    assert measured(token=0.000001).budget(decoding=True) == 512
+    assert measured(token=0.000001, chunk=64).budget(decoding=True) == 64
+
+
+def test_nothing_decoding_takes_the_whole_chunk_setting():
+    assert measured(token=0.01).budget(decoding=False) == 512
+    assert PrefillPacer(300, 2.0).budget(decoding=False) == 300
+
+
+def test_factor_zero_turns_pacing_off():
+    assert measured(token=0.01, factor=0).budget(decoding=True) == 512
+    assert PrefillPacer(512, 0).budget(decoding=True) == 512
+
+
+def test_decoding_before_any_measurement_probes_with_the_minimum():
+    """A media row can decode before any text prefill was measured: one small pass, then the estimate."""
+    pacer = PrefillPacer(512, 2.0)
+    assert pacer.budget(decoding=True) == MIN_CHUNK_TOKENS
+    pacer.observe_step(0.010)
+    assert pacer.budget(decoding=True) == MIN_CHUNK_TOKENS
+    pacer.observe_prefill(MIN_CHUNK_TOKENS, MIN_CHUNK_TOKENS * 0.0001)
+    assert pacer.budget(decoding=True) == 200
+
+
+def test_a_dearer_prefill_is_followed_at_once_a_cheaper_one_gradually():
+    pacer = measured()
+    pacer.observe_prefill(100, 0.020)  # 0.2 ms a token: later chunks attend to more keys
+    assert pacer.token_seconds == pytest.approx(0.0002)
+    assert pacer.budget(decoding=True) == 100
+    pacer.observe_prefill(100, 0.010)  # back to 0.1 ms: half of the way
+    assert pacer.token_seconds == pytest.approx(0.00015)
+
+
+def test_one_slow_step_moves_the_step_estimate_by_half():
+    pacer = measured()
+    pacer.observe_step(0.050)
+    assert pacer.step_seconds == pytest.approx(0.030)
+    for _ in range(20):
+        pacer.observe_step(0.010)
+    assert pacer.step_seconds == pytest.approx(0.010, rel=1e-3)
+
+
+def simulate(prompt: int, step: float, fixed: float, per_token: float, per_key: float,
+             factor: float = 2.0, chunk: int = 512) -> list[tuple[int, float]]:
+    """A prompt prefilled beside decoding rows, with a pass costing `fixed` + tokens x (per_token +
+    per_key x keys attended): the (chunk, seconds) of every pass. The pacer last saw a 512-token pass
+    at the start of a prompt (the running rows' own prompts, prefilled while nothing decoded)."""
+    pacer = PrefillPacer(chunk, factor)
+    pacer.observe_prefill(512, fixed + 512 * (per_token + per_key * 256))
+    pacer.observe_step(step)
+    passes, done = [], 0
+    while done < prompt:
+        tokens = min(pacer.budget(decoding=True), prompt - done)
+        seconds = fixed + tokens * (per_token + per_key * (done + tokens / 2))
+        pacer.observe_prefill(tokens, seconds)
+        pacer.observe_step(step)
+        passes.append((tokens, seconds))
+        done += tokens
+    return passes
+
+
+@pytest.mark.parametrize("fixed,per_token,per_key", [
+    (0.002, 0.0030, 0.0),  # compute-bound: the bench model on this CPU (a 512-token chunk ~1.8 s)
+    (0.002, 0.0020, 0.0000005),  # attention growing with the keys: 2 x the cost per token at 4,000
+    (0.040, 0.0030, 0.0000005),  # a per-pass cost of 40% of a step
+])
+def test_a_long_prompt_stalls_the_streams_about_the_factor_times_a_step(fixed, per_token, per_key):
+    """With a 100 ms step and the factor 2, every pass of a 4,000-token prompt costs about 200 ms
+    (the first, sized from a pass at other sizes, up to a third more), where a 512-token pass costs
+    1.5-3 s; and the prompt still progresses by at least MIN_CHUNK_TOKENS a pass."""
+    passes = simulate(4000, step=0.100, fixed=fixed, per_token=per_token, per_key=per_key)
+    assert sum(tokens for tokens, _ in passes) == 4000
+    assert all(tokens >= MIN_CHUNK_TOKENS for tokens, _ in passes[:-1])
+    assert passes[0][1] <= 0.200 * 1.35
+    assert all(seconds <= 0.200 * 1.1 for _, seconds in passes[2:])
+    assert statistics.median(seconds for _, seconds in passes) >= 0.200 * 0.8  # the budget is used
+
+
+# ---- the setting ---------------------------------------------------------------------------------
+
+
+def test_stall_factor_setting_default_and_bounds(monkeypatch):
+    assert Settings(_env_file=None).prefill_stall_factor == 1.5
+    assert Settings(_env_file=None, prefill_stall_factor=0).prefill_stall_factor == 0  # the limit: off
+    with pytest.raises(ValidationError, match="prefill_stall_factor"):
+        Settings(_env_file=None, prefill_stall_factor=-0.01)
+    monkeypatch.setenv("PREFILL_STALL_FACTOR", "0.75")
+    assert Settings(_env_file=None).prefill_stall_factor == 0.75
+    monkeypatch.setenv("PREFILL_STALL_FACTOR", "-1")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)  # the server refuses to start
+
+
+# ---- a long prompt beside a running stream -------------------------------------------------------
+
+LONG_PROMPT = " ".join(["tick tock tack"] * 500)  # ~1,500 tokens
+
+
+@pytest.fixture(scope="module")
+def wide_endless_ckpt(ckpt_dir):
+    """The endless model with wider layers (512, MLP 2048): its steps and passes cost compute, not
+    mostly Python as the default test model's (~3 ms a step), so machine noise weighs less."""
+    return checkpoints.build_vl_checkpoint(ckpt_dir / "vl-endless-wide", endless=True, hidden=512,
+                                           intermediate=2048, heads=8, kv_heads=4, head_dim=64)
+
+
+@pytest.fixture
+def paced_server(wide_endless_ckpt, monkeypatch):
+    """An in-process engine whose prefill passes are recorded: (time, rows x padded width)."""
+    passes: list[tuple[float, int]] = []
+    real_prefill = Engine._prefill_logits
+
+    def prefill(self, rows, width):
+        logits = real_prefill(self, rows, width)
+        passes.append((time.monotonic(), len(rows) * width))
+        return logits
+
+    monkeypatch.setattr(Engine, "_prefill_logits", prefill)
+    # PREFILL_CHUNK_TOKENS over the prompt: without pacing it would be one pass stalling the stream.
+    settings = Settings(model_repo_id=str(wide_endless_ckpt), device_map="cpu", prefill_chunk_tokens=2048,
+                        kv_cache_tokens=4096, max_concurrent_requests=4, _env_file=None)
+    server = InProcessServer(create_app(settings, Engine(settings)))
+    yield server, passes
+    server.stop()
+
+
+def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(paced_server):
+    """A stream decodes; a ~1,500-token prompt arrives. Its prefill is cut into small passes (the
+    pacer's budget, not PREFILL_CHUNK_TOKENS), and the stream's gaps meanwhile stay a few of its own
+    gaps before (the factor 2: about 3), where one whole-prompt pass would stall it ~75 steps."""
+    server, passes = paced_server
+    arrivals: list[float] = []
+    started = threading.Event()
+
+    def read_running():
+        body = chat_body(session_id="pacing-runner", stream=True, max_tokens=2000, temperature=0)
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) == 60:
+                        started.set()
+
+    reader = threading.Thread(target=read_running)
+    reader.start()
+    try:
+        assert started.wait(60)
+        sent = time.monotonic()
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                           json=chat_body(LONG_PROMPT, max_tokens=1, temperature=0)).json()
+        answered = time.monotonic()
+    finally:
+        httpx.post(server.url + "/v1/cancel/pacing-runner")
+        reader.join(60)
+    assert reply["usage"]["prompt_tokens"] > 1400
+    chunks = [tokens for at, tokens in passes if sent < at < answered]
+    assert sum(chunks) >= reply["usage"]["prompt_tokens"] and len(chunks) >= 6, chunks
+    assert statistics.median(chunks) <= 256, chunks  # against one 1,500-token pass without pacing
+    gaps = list(itertools.pairwise(arrivals))
+    before = [end - start for start, end in gaps[10:] if end < sent]  # past the runner's first tokens
+    during = [end - start for start, end in gaps if end > sent and start < answered]  # overlapping it
+    assert len(before) >= 30 and len(during) >= len(chunks) - 1
+    # Without pacing the one pass is ~75 x a step here; paced, gaps are ~3 x (up to 6 with noise).
+    assert max(during) <= 12 * statistics.median(before), (max(during), statistics.median(before), chunks)
