@@ -148,6 +148,10 @@ def test_packed_kernel_matches_linear_and_ignores_the_batch():
     for row in (0, 16, 36):  # a row alone gives exactly what it gave in the batch
         assert torch.equal(packed(x[row:row + 1]), out[row:row + 1])
     assert torch.equal(packed.rows(16, 48)(x), out[:, 16:48])
+    int8 = PackedLinear.pack_int8(linear)  # the same int8 arithmetic as torch's int8 kernel
+    reference = Int8Linear.quantize(linear)(x).float()
+    assert (int8(x).float() - reference).abs().max() / reference.abs().max() < 0.01
+    assert torch.equal(int8(x[5:6]), int8(x)[5:6])
 
 
 @needs_amx

@@ -14,6 +14,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -33,17 +34,18 @@ int amx_init(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
-// w: [N, K] bf16 -> packed [N / 16, K / 32, 16, 32]; N a multiple of 16, K of 32.
-void amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K) {
+// w: [N, K] -> packed [N / 16, K / 32, 16, 32] of `size`-byte elements (bf16 weights, or int8 ones
+// to be widened to bf16 on the way: int8_rows); N a multiple of 16, K of 32.
+void amx_pack(const char *w, char *packed, int64_t N, int64_t K, int size) {
     int64_t blocks_k = K / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < N / 16; nb++)
         for (int64_t kb = 0; kb < blocks_k; kb++) {
-            uint16_t *out = packed + (nb * blocks_k + kb) * 512;
+            char *out = packed + (nb * blocks_k + kb) * 512 * size;
             for (int pair = 0; pair < 16; pair++)
                 for (int n = 0; n < 16; n++)
-                    for (int e = 0; e < 2; e++)
-                        out[pair * 32 + n * 2 + e] = w[(nb * 16 + n) * K + kb * 32 + pair * 2 + e];
+                    memcpy(out + (pair * 32 + n * 2) * size, w + ((nb * 16 + n) * K + kb * 32 + pair * 2) * size,
+                           2 * size);
         }
 }
 
@@ -64,7 +66,8 @@ static inline uint16_t round_bf16(float value) {
     return (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
 }
 
-static void store(int tile, uint16_t *y, int64_t m, int rows, int64_t n, int64_t N) {
+// The accumulator tile into y (times the int8 weights' per-output scales, if any), rounded to bf16.
+static void store(int tile, uint16_t *y, int64_t m, int rows, int64_t n, int64_t N, const float *scales) {
     float out[16 * 16];
     switch (tile) {  // tile numbers are immediates
         case 0: _tile_stored(0, out, 64); break;
@@ -73,14 +76,14 @@ static void store(int tile, uint16_t *y, int64_t m, int rows, int64_t n, int64_t
         default: _tile_stored(3, out, 64); break;
     }
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < 16; c++) y[(m + r) * N + n + c] = round_bf16(out[r * 16 + c]);
+        for (int c = 0; c < 16; c++)
+            y[(m + r) * N + n + c] = round_bf16(scales ? out[r * 16 + c] * scales[n + c] : out[r * 16 + c]);
 }
 
-// Four output blocks from nb against activation rows m..m+rows.
-static void group_of_four(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t nb, int64_t m,
-                          int rows, int64_t N, int64_t K) {
+// Four output blocks (b: their packed weights, one after the other) into outputs n..n+64 of rows m..m+rows.
+static void group_of_four(const uint16_t *b, const uint16_t *x, uint16_t *y, int64_t n, int64_t m,
+                          int rows, int64_t N, int64_t K, const float *scales) {
     int64_t blocks_k = K / 32, stride = blocks_k * 512;
-    const uint16_t *b = packed + nb * stride;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t kb = 0; kb < blocks_k; kb++, b += 512) {
         _tile_loadd(4, x + m * K + kb * 32, K * 2);
@@ -93,41 +96,75 @@ static void group_of_four(const uint16_t *packed, const uint16_t *x, uint16_t *y
         _tile_loadd(6, b + 3 * stride, 64);
         _tile_dpbf16ps(3, 4, 6);
     }
-    for (int t = 0; t < GROUP; t++) store(t, y, m, rows, (nb + t) * 16, N);
+    for (int t = 0; t < GROUP; t++) store(t, y, m, rows, n + t * 16, N, scales);
 }
 
 // One output block (the last ones of an N that is not a multiple of 64): the same operations per output.
-static void single_block(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t nb, int64_t m,
-                         int rows, int64_t N, int64_t K) {
-    int64_t blocks_k = K / 32;
-    const uint16_t *b = packed + nb * blocks_k * 512;
+static void single_block(const uint16_t *b, const uint16_t *x, uint16_t *y, int64_t n, int64_t m,
+                         int rows, int64_t N, int64_t K, const float *scales) {
     _tile_zero(0);
-    for (int64_t kb = 0; kb < blocks_k; kb++, b += 512) {
+    for (int64_t kb = 0; kb < K / 32; kb++, b += 512) {
         _tile_loadd(4, x + m * K + kb * 32, K * 2);
         _tile_loadd(5, b, 64);
         _tile_dpbf16ps(0, 4, 5);
     }
-    store(0, y, m, rows, nb * 16, N);
+    store(0, y, m, rows, n, N, scales);
 }
 
-// x: [M, K] bf16, y: [M, N] bf16, packed as amx_pack left it.
+// The output blocks nb..nb+count (packed weights b) for every row of x.
+static void blocks(const uint16_t *b, const uint16_t *x, uint16_t *y, int64_t nb, int64_t count, int64_t M,
+                   int64_t N, int64_t K, const float *scales, int *configured) {
+    int64_t stride = K / 32 * 512;
+    for (int64_t m = 0; m < M; m += 16) {
+        int rows = M - m < 16 ? (int)(M - m) : 16;
+        if (rows != *configured) configure(*configured = rows);
+        if (count == GROUP) group_of_four(b, x, y, nb * 16, m, rows, N, K, scales);
+        else
+            for (int64_t i = 0; i < count; i++) single_block(b + i * stride, x, y, (nb + i) * 16, m, rows, N, K, scales);
+    }
+}
+
+// x: [M, K] bf16, y: [M, N] bf16, packed bf16 weights as amx_pack left them.
 void amx_rows(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K,
               int threads) {
-    int64_t blocks_n = N / 16, groups = (blocks_n + GROUP - 1) / GROUP;
+    int64_t blocks_n = N / 16, stride = K / 32 * 512;
     #pragma omp parallel num_threads(threads)
     {
         int configured = -1;
         #pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            int64_t nb = g * GROUP;
-            for (int64_t m = 0; m < M; m += 16) {
-                int rows = M - m < 16 ? (int)(M - m) : 16;
-                if (rows != configured) configure(configured = rows);
-                if (nb + GROUP <= blocks_n) group_of_four(packed, x, y, nb, m, rows, N, K);
-                else
-                    for (int64_t b = nb; b < blocks_n; b++) single_block(packed, x, y, b, m, rows, N, K);
-            }
+        for (int64_t nb = 0; nb < blocks_n; nb += GROUP) {
+            int64_t count = blocks_n - nb < GROUP ? blocks_n - nb : GROUP;
+            blocks(packed + nb * stride, x, y, nb, count, M, N, K, NULL, &configured);
         }
+        if (configured >= 0) _tile_release();
+    }
+}
+
+// int8 values to bf16 (exact: every int8 is a bf16), same order; count a multiple of 32.
+static void widen(const int8_t *q, uint16_t *out, int64_t count) {
+    for (int64_t i = 0; i < count; i += 32) {
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i + 16))));
+        _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    }
+}
+
+// Weight-only int8: each group of output blocks is widened to bf16 in a buffer of the thread's (in its
+// cache), then multiplied as above and scaled per output. The memory read is the int8 bytes.
+void amx_rows_int8(const int8_t *packed, const float *scales, const uint16_t *x, uint16_t *y, int64_t M,
+                   int64_t N, int64_t K, int threads) {
+    int64_t blocks_n = N / 16, stride = K / 32 * 512;
+    #pragma omp parallel num_threads(threads)
+    {
+        int configured = -1;
+        uint16_t *wide = aligned_alloc(64, GROUP * stride * sizeof(uint16_t));
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < blocks_n; nb += GROUP) {
+            int64_t count = blocks_n - nb < GROUP ? blocks_n - nb : GROUP;
+            widen(packed + nb * stride, wide, count * stride);
+            blocks(wide, x, y, nb, count, M, N, K, scales, &configured);
+        }
+        free(wide);
         if (configured >= 0) _tile_release();
     }
 }

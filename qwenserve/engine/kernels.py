@@ -23,11 +23,12 @@ log = logging.getLogger("qwenserve.engine")
 
 
 class PackedLinear(nn.Module):
-    """A bf16 linear over AMX-packed weights (see native.py)."""
+    """A linear over AMX-packed weights (see native.py): bf16, or int8 with per-output fp32 scales."""
 
-    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
         self.bias = bias
         self.out_features = packed.shape[0] * native.TILE_OUTPUTS
         self.in_features = packed.shape[1] * native.TILE_INPUTS
@@ -36,15 +37,30 @@ class PackedLinear(nn.Module):
     def pack(cls, linear: nn.Linear) -> PackedLinear:
         return cls(native.pack(linear.weight), linear.bias)
 
+    @classmethod
+    def pack_int8(cls, linear: nn.Linear) -> PackedLinear:
+        qweight, scales = quantize_int8(linear.weight)
+        return cls(native.pack(qweight), linear.bias, scales.float())
+
     def rows(self, start: int, stop: int) -> PackedLinear:
         """The projection of output channels start..stop (multiples of 16), sharing this one's memory."""
         bias = None if self.bias is None else self.bias[start:stop]
-        return PackedLinear(self.packed[start // native.TILE_OUTPUTS: stop // native.TILE_OUTPUTS], bias)
+        scales = None if self.scales is None else self.scales[start:stop]
+        return PackedLinear(self.packed[start // native.TILE_OUTPUTS: stop // native.TILE_OUTPUTS], bias, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = native.matmul(self.packed, x.reshape(-1, self.in_features).to(torch.bfloat16))
+        out = native.matmul(self.packed, x.reshape(-1, self.in_features).to(torch.bfloat16), self.scales)
         out = out.view(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        out = out if self.bias is None else out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 weights, bf16 scales)."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    qweight = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return qweight, scales.to(torch.bfloat16)
 
 
 class PackedEmbedding(nn.Module):
@@ -84,10 +100,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        qweight = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(qweight, scales.to(torch.bfloat16), linear.bias)
+        return cls(*quantize_int8(linear.weight), linear.bias)
 
     def rows(self, start: int, stop: int) -> Int8Linear:
         """The projection of output channels start..stop, sharing this one's memory."""
@@ -169,6 +182,8 @@ def _view(projection: nn.Module, part: nn.Linear, start: int, stop: int) -> nn.M
 
 def _kernel(linear: nn.Linear, quantization: str, pack: bool = True) -> nn.Module:
     if quantization == "int8":
+        if pack and native.packable(linear.weight, torch.int8):
+            return PackedLinear.pack_int8(linear)
         return Int8Linear.quantize(linear)
     if pack and native.packable(linear.weight):
         return PackedLinear.pack(linear)

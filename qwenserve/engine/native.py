@@ -22,7 +22,8 @@ import torch
 log = logging.getLogger("qwenserve.engine")
 
 SOURCE = Path(__file__).with_name("amx_rows.c")
-FLAGS = ["-O3", "-mavx512f", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
+         "-fPIC"]
 TILE_OUTPUTS, TILE_INPUTS = 16, 32  # a packed weight's shape must be a multiple of these
 
 
@@ -48,8 +49,9 @@ def library():
         log.warning("Linux refused AMX to this process; torch's kernels are used")
         return None
     pointers = [ctypes.c_void_p] * 3
-    lib.amx_pack.argtypes = pointers[:2] + [ctypes.c_int64] * 2
+    lib.amx_pack.argtypes = pointers[:2] + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.amx_rows.argtypes = pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.amx_rows_int8.argtypes = pointers + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.amx_gather.argtypes = pointers + [ctypes.c_int64] * 2
     return lib
 
@@ -75,27 +77,33 @@ def _compiled(compiler: str) -> Path:
     return target
 
 
-def packable(weight: torch.Tensor) -> bool:
+def packable(weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernel can take this weight, in its dtype or the one it will be quantized to."""
     out_features, in_features = weight.shape
-    return (library() is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    dtype = dtype or weight.dtype
+    return (library() is not None and weight.device.type == "cpu" and dtype in (torch.bfloat16, torch.int8)
             and out_features % TILE_OUTPUTS == 0 and in_features % TILE_INPUTS == 0)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N / 16, K / 32, 16, 32]: AMX's weight tiles, in reading order."""
+    """[N, K] (bf16 or int8) -> [N / 16, K / 32, 16, 32]: AMX's weight tiles, in reading order."""
     out_features, in_features = weight.shape
     weight = weight.detach().contiguous()
-    packed = torch.empty(out_features // TILE_OUTPUTS, in_features // TILE_INPUTS, 16, 32, dtype=torch.bfloat16)
-    library().amx_pack(weight.data_ptr(), packed.data_ptr(), out_features, in_features)
+    packed = torch.empty(out_features // TILE_OUTPUTS, in_features // TILE_INPUTS, 16, 32, dtype=weight.dtype)
+    library().amx_pack(weight.data_ptr(), packed.data_ptr(), out_features, in_features, weight.element_size())
     return packed
 
 
-def matmul(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (bf16) @ the packed weight's transpose -> [M, N] bf16."""
+def matmul(packed: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16) @ the packed weight's transpose -> [M, N] bf16. int8 weights come with their
+    per-output scales (fp32)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], packed.shape[0] * TILE_OUTPUTS, dtype=torch.bfloat16)
-    library().amx_rows(packed.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0], out.shape[1], x.shape[1],
-                       torch.get_num_threads())
+    shape = (x.shape[0], out.shape[1], x.shape[1], torch.get_num_threads())
+    if packed.dtype == torch.int8:
+        library().amx_rows_int8(packed.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), *shape)
+    else:
+        library().amx_rows(packed.data_ptr(), x.data_ptr(), out.data_ptr(), *shape)
     return out
 
 
