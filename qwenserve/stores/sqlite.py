@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -31,9 +32,18 @@ SESSION_SELECT = ("SELECT s.session_id, s.request_hash, s.request_json, s.create
 TABLES = ("events", "event_names", "session_kinds", "sessions")
 
 
+# What one `append` writes: its `events` rows, its `event_names` rows, its `sessions` count update.
+Rows = tuple[list[tuple], list[tuple], tuple[int, str]]
+
+
 class SQLiteStore(EventStore):
     """One connection, used only from the event loop thread: the single writer. Each call is a few
-    milliseconds at most (WAL, no fsync per commit), so it runs inline rather than on a thread."""
+    milliseconds at most (WAL, no fsync per commit), so it runs inline rather than on a thread.
+
+    Appends are committed in groups: a commit costs the loop far more than its rows, and one engine step
+    wakes every stream's producer in the same loop iteration. The first append queued schedules one flush
+    for the next iteration, so that step's appends of all sessions share one transaction; each append
+    still returns only once its own rows are committed."""
 
     durable = True
 
@@ -43,6 +53,7 @@ class SQLiteStore(EventStore):
         self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process crash
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
+        self._queued: list[tuple[Rows, asyncio.Future]] = []
 
     async def create(self, record: SessionRecord, owner: str = "") -> int:
         try:
@@ -63,15 +74,49 @@ class SQLiteStore(EventStore):
         return _record(row) if row else None
 
     async def append(self, session_id: str, events: list[StoredEvent], epoch: int = 0) -> str:
+        rows = ([(session_id, e.index, e.data, json.dumps(e.token_ids)) for e in events],
+                [(session_id, e.index, e.event) for e in events if e.event], (len(events), session_id))
+        loop = asyncio.get_running_loop()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        committed = loop.create_future()
+        self._queued.append((rows, committed))
+        await committed
+        return ""
+
+    def _flush(self) -> None:
+        """Commits every queued append in one transaction, in the order they came. If it fails, each is
+        tried again alone, so that a bad append (an index stored already) fails its own caller only."""
+        batch, self._queued = self._queued, []
+        if not batch:
+            return  # close() flushed already
+        try:
+            self._write([rows for rows, _ in batch])
+            errors = [None] * len(batch)
+        except Exception:  # noqa: BLE001 - every error reaches a caller below; none may leave a caller waiting
+            errors = [self._write_alone(rows) for rows, _ in batch]
+        for (_, committed), error in zip(batch, errors):
+            if committed.done():
+                continue  # its caller was cancelled: the rows are written all the same, as queued
+            if error is None:
+                committed.set_result(None)
+            else:
+                committed.set_exception(error)
+
+    def _write_alone(self, rows: Rows) -> Exception | None:
+        try:
+            self._write([rows])
+        except Exception as exc:  # noqa: BLE001 - handed to the append's caller
+            return exc
+        return None
+
+    def _write(self, appends: list[Rows]) -> None:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany("INSERT INTO events VALUES (?,?,?,?)",
-                                  [(session_id, e.index, e.data, json.dumps(e.token_ids)) for e in events])
-            self.conn.executemany("INSERT INTO event_names VALUES (?,?,?)",
-                                  [(session_id, e.index, e.event) for e in events if e.event])
-            self.conn.execute("UPDATE sessions SET event_count=event_count+? WHERE session_id=?",
-                              (len(events), session_id))
-        return ""
+            self.conn.executemany("INSERT INTO events VALUES (?,?,?,?)", [r for a in appends for r in a[0]])
+            self.conn.executemany("INSERT INTO event_names VALUES (?,?,?)", [r for a in appends for r in a[1]])
+            self.conn.executemany("UPDATE sessions SET event_count=event_count+? WHERE session_id=?",
+                                  [a[2] for a in appends])
 
     async def read(self, session_id: str, after: int) -> list[StoredEvent]:
         rows = self.conn.execute(
@@ -118,6 +163,7 @@ class SQLiteStore(EventStore):
         return [_record(row) for row in rows]
 
     async def close(self) -> None:
+        self._flush()  # appends still queued were promised a commit
         self.conn.close()
 
 
