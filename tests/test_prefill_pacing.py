@@ -47,6 +47,12 @@ def test_nothing_decoding_takes_the_whole_chunk_setting():
     assert PrefillPacer(300, 2.0).budget(decoding=False) == 300
 
 
+def test_a_burst_of_arrivals_outnumbering_the_running_rows_is_not_paced():
+    assert PrefillPacer.paces(decoding_rows=8, waiting_rows=1)
+    assert PrefillPacer.paces(decoding_rows=2, waiting_rows=2)
+    assert not PrefillPacer.paces(decoding_rows=2, waiting_rows=14)
+
+
 def test_factor_zero_turns_pacing_off():
     assert measured(token=0.01, factor=0).budget(decoding=True) == 512
     assert PrefillPacer(512, 0).budget(decoding=True) == 512

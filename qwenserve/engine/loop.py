@@ -144,7 +144,8 @@ class InferenceLoop:
         waiting = self._uncancelled(batch.prefilling())
         if not waiting:
             return
-        budget = self.pacer.budget(decoding=any(row.decoding for row in batch.rows))
+        decoding = sum(1 for row in batch.rows if row.decoding)
+        budget = self.pacer.budget(decoding=decoding > 0 and self.pacer.paces(decoding, len(waiting)))
         group, width = [waiting[0]], min(len(waiting[0].prefill), budget)
         for row in waiting[1:]:
             wider = max(width, min(len(row.prefill), budget))
