@@ -145,24 +145,26 @@ class InferenceLoop:
         if not waiting:
             return
         decoding = sum(1 for row in batch.rows if row.decoding)
-        budget = self.pacer.budget(decoding=decoding > 0 and self.pacer.paces(decoding, len(waiting)))
+        longest = max(row.length + len(row.prefill) for row in waiting)
+        paced = self.pacer.paces(decoding, len(waiting), longest)
+        budget = self.pacer.budget(decoding=paced)
         group, width = [waiting[0]], min(len(waiting[0].prefill), budget)
         for row in waiting[1:]:
             wider = max(width, min(len(row.prefill), budget))
             if (len(group) + 1) * wider > budget:
                 break
             group, width = group + [row], wider
-        self._prefill_group(group, width)
+        self._prefill_group(group, width, paced)
 
-    def _prefill_group(self, group: list[Row], width: int) -> None:
+    def _prefill_group(self, group: list[Row], width: int, paced: bool = False) -> None:
         try:
             watch = Stopwatch()
             logits = self._prefill_logits(group, width)
-            self.pacer.observe_prefill(len(group) * width, watch.seconds(logits))
+            self.pacer.observe_prefill(len(group) * width, watch.seconds(logits), paced)
         except Exception as exc:
             if len(group) > 1:
                 for row in group:
-                    self._prefill_group([row], min(width, len(row.prefill)))
+                    self._prefill_group([row], min(width, len(row.prefill)), paced)
                 return
             log.exception("prefill failed")
             self._fail_row(group[0], exc)

@@ -46,12 +46,14 @@ class PrefillPacer:
         self.stall_factor = stall_factor
         self.step_seconds: float | None = None
         self.token_seconds: float | None = None
+        self.paced_tokens: int | None = None  # the last paced pass (None: the last pass was not paced)
 
     def observe_step(self, seconds: float) -> None:
         previous = self.step_seconds
         self.step_seconds = seconds if previous is None else previous + STEP_WEIGHT * (seconds - previous)
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
+    def observe_prefill(self, tokens: int, seconds: float, paced: bool = True) -> None:
+        self.paced_tokens = tokens if paced else None
         rate = seconds / max(tokens, 1)
         previous = self.token_seconds
         if previous is None or rate >= previous:
@@ -59,13 +61,16 @@ class PrefillPacer:
         else:
             self.token_seconds = previous + FALL_WEIGHT * (rate - previous)
 
-    @staticmethod
-    def paces(decoding_rows: int, waiting_rows: int) -> bool:
-        """Whether the next pass is paced: only while at least as many rows decode as wait. A burst of
-        requests (16 sent together: the first one or two start decoding before the rest are admitted)
-        prefills at full speed: paced, the others would join over many turns, the batch would run
-        part-empty, and 16 streams measured 0.6x of raw `generate` at batch 16 (bench model fp32)."""
-        return decoding_rows >= waiting_rows
+    def paces(self, decoding_rows: int, waiting_rows: int, longest_prompt: int) -> bool:
+        """Whether the next pass is paced: only for a long prompt (longer than one PREFILL_CHUNK_TOKENS
+        pass, counted whole, so that its last part is paced too) among at least as many decoding rows
+        as wait. A pass has a fixed cost
+        of its own (every weight read once: a decode step's worth), so pacing short prompts into many
+        passes cost more than it saved: a burst of requests (16 sent together: the first one or two
+        decode before the rest are admitted) joined over many turns with the batch part-empty (16
+        streams at 0.6x raw `generate`, bench model fp32), and on the real-size model 8 streams took
+        7.6 s to their first tokens. A short prompt's pass is one short stall."""
+        return decoding_rows > 0 and decoding_rows >= waiting_rows and longest_prompt > self.chunk_tokens
 
     def budget(self, decoding: bool) -> int:
         """Tokens (rows x padded width) the next prefill pass may take."""
@@ -74,7 +79,14 @@ class PrefillPacer:
         if self.step_seconds is None or self.token_seconds is None:
             return min(MIN_CHUNK_TOKENS, self.chunk_tokens)
         tokens = int(self.stall_factor * self.step_seconds / max(self.token_seconds, 1e-9))
-        return max(MIN_CHUNK_TOKENS, min(tokens, self.chunk_tokens))
+        return max(MIN_CHUNK_TOKENS, min(tokens, self.chunk_tokens, self._slow_start()))
+
+    def _slow_start(self) -> int:
+        """At most twice the last paced pass, from MIN_CHUNK_TOKENS after a pass that was not paced. A
+        cost measured on other passes (short prompts prefilled together, at the start of their slots) can
+        be far below a long prompt's, and one pass sized by it stalled 8 streams for 2.2 s (bench model
+        fp32, 4,000-token prompt): growing by doubling, no pass runs over by more than twice."""
+        return 2 * self.paced_tokens if self.paced_tokens else MIN_CHUNK_TOKENS
 
 
 class Stopwatch:
