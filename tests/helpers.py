@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,3 +164,31 @@ class InProcessServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+class RunningStream:
+    """A greedy stream read in a thread, recording when each chunk arrives (for pacing tests); `start`
+    returns once `ready_after` chunks came, `stop` cancels the session and joins the reader."""
+
+    def __init__(self, url: str, session_id: str, max_tokens: int, ready_after: int):
+        self.url, self.session_id, self.max_tokens, self.ready_after = url, session_id, max_tokens, ready_after
+        self.arrivals: list[float] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read)
+
+    def _read(self) -> None:
+        body = chat_body(session_id=self.session_id, stream=True, max_tokens=self.max_tokens, temperature=0)
+        with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    self.arrivals.append(time.monotonic())
+                    if len(self.arrivals) == self.ready_after:
+                        self._ready.set()
+
+    def start(self) -> bool:
+        self._reader.start()
+        return self._ready.wait(60)
+
+    def stop(self) -> None:
+        httpx.post(f"{self.url}/v1/cancel/{self.session_id}")
+        self._reader.join(60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import threading
 import time
 
 import httpx
@@ -19,7 +18,7 @@ from qwenserve.config import Settings
 from qwenserve.engine import Engine
 from qwenserve.engine.pacing import MIN_CHUNK_TOKENS, PrefillPacer
 
-from .helpers import InProcessServer, chat_body
+from .helpers import InProcessServer, RunningStream, chat_body
 
 # ---- the pacer ------------------------------------------------------------------------------------
 
@@ -190,34 +189,20 @@ def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(pac
     pacer's budget, not PREFILL_CHUNK_TOKENS), and the stream's gaps meanwhile stay a few of its own
     gaps before (the factor 2: about 3), where one whole-prompt pass would stall it ~75 steps."""
     server, passes = paced_server
-    arrivals: list[float] = []
-    started = threading.Event()
-
-    def read_running():
-        body = chat_body(session_id="pacing-runner", stream=True, max_tokens=2000, temperature=0)
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data:"):
-                    arrivals.append(time.monotonic())
-                    if len(arrivals) == 60:
-                        started.set()
-
-    reader = threading.Thread(target=read_running)
-    reader.start()
+    runner = RunningStream(server.url, "pacing-runner", max_tokens=2000, ready_after=60)
     try:
-        assert started.wait(60)
+        assert runner.start()
         sent = time.monotonic()
         reply = httpx.post(server.url + "/v1/chat/completions", timeout=120,
                            json=chat_body(LONG_PROMPT, max_tokens=1, temperature=0)).json()
         answered = time.monotonic()
     finally:
-        httpx.post(server.url + "/v1/cancel/pacing-runner")
-        reader.join(60)
+        runner.stop()
     assert reply["usage"]["prompt_tokens"] > 1400
     chunks = [tokens for at, tokens in passes if sent < at < answered]
     assert sum(chunks) >= reply["usage"]["prompt_tokens"] and len(chunks) >= 6, chunks
     assert statistics.median(chunks) <= 256, chunks  # against one 1,500-token pass without pacing
-    gaps = list(itertools.pairwise(arrivals))
+    gaps = list(itertools.pairwise(runner.arrivals))
     before = [end - start for start, end in gaps[10:] if end < sent]  # past the runner's first tokens
     first_pass = min(at for at, _ in passes if sent < at < answered)
     # overlapping its passes (before the first one, the request is read, templated and tokenized: not

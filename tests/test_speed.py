@@ -19,7 +19,7 @@ from qwenserve.engine import native
 from qwenserve.engine.kernels import Int8Linear, PackedEmbedding, PackedLinear, RowLinear, prepare_linears
 from qwenserve.sampling import SamplingParams, step_seed
 
-from .helpers import chat_body, read_sse
+from .helpers import RunningStream, chat_body, read_sse
 
 PROMPTS = ["alpha beta", "gamma delta epsilon zeta", "eta", "theta iota kappa lambda mu nu xi omicron pi rho"]
 LONG_PROMPT = " ".join(["tick tock tack"] * 100)
@@ -72,29 +72,15 @@ def test_running_stream_keeps_going_while_a_long_prompt_prefills(server_factory,
     """With 16-token chunks, a ~1,500-token prompt takes ~100 loop turns to prefill; a running stream
     gets a token in each of them (with one whole-prompt prefill it would get none meanwhile)."""
     server = server_factory(endless_ckpt, PREFILL_CHUNK_TOKENS=16)
-    arrivals: list[float] = []
-    started = threading.Event()
-
-    def read_running():
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
-                          json=chat_body(session_id="runner", stream=True, max_tokens=20000, temperature=0)) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    arrivals.append(time.monotonic())
-                    if len(arrivals) == 5:
-                        started.set()
-
-    reader = threading.Thread(target=read_running)
-    reader.start()
-    assert started.wait(60)
+    runner = RunningStream(server.url, "runner", max_tokens=20000, ready_after=5)
+    assert runner.start()
     sent = time.monotonic()
     reply = httpx.post(server.url + "/v1/chat/completions", timeout=120,
                        json=chat_body(LONG_PROMPT * 5, max_tokens=1, temperature=0)).json()
     answered = time.monotonic()
-    httpx.post(server.url + "/v1/cancel/runner")
-    reader.join(60)
+    runner.stop()
     assert reply["usage"]["prompt_tokens"] > 1400
-    assert sum(sent < t < answered for t in arrivals) >= 50
+    assert sum(sent < t < answered for t in runner.arrivals) >= 50
 
 
 def test_prompt_plus_max_tokens_must_fit_a_slot(server_factory, text_ckpt):

@@ -35,6 +35,11 @@ def stored(path, session_id: str) -> tuple[list[tuple], int]:
     return rows, count
 
 
+def run_then_close(store: SQLiteStore, scenario) -> None:
+    asyncio.run(scenario())
+    asyncio.run(store.close())
+
+
 def test_one_transaction_per_iteration_and_committed_before_return(tmp_path):
     path = tmp_path / "s.db"
     store, statements = open_store(path, 16)
@@ -51,8 +56,7 @@ def test_one_transaction_per_iteration_and_committed_before_return(tmp_path):
         assert commits(statements) == 2
         assert stored(path, "s0") == ([(0, "d0"), (1, "d1"), (2, "d2")], 3)
 
-    asyncio.run(scenario())
-    asyncio.run(store.close())
+    run_then_close(store, scenario)
 
 
 def test_a_bad_append_fails_alone(tmp_path):
@@ -76,8 +80,7 @@ def test_a_bad_append_fails_alone(tmp_path):
         await store.append("s3", events(1))  # the store goes on
         assert stored(path, "s3") == ([(0, "d0first"), (1, "d1")], 2)
 
-    asyncio.run(scenario())
-    asyncio.run(store.close())
+    run_then_close(store, scenario)
 
 
 def test_appends_of_one_session_keep_their_order(tmp_path):
@@ -104,8 +107,7 @@ def test_appends_of_one_session_keep_their_order(tmp_path):
         assert written("s0")[-2:] == [(5, "d5a"), (6, "d6")]
         assert stored(path, "s0") == ([(i, f"d{i}") for i in range(5)] + [(5, "d5a"), (6, "d6")], 7)
 
-    asyncio.run(scenario())
-    asyncio.run(store.close())
+    run_then_close(store, scenario)
 
 
 def test_close_commits_queued_appends(tmp_path):
