@@ -31,19 +31,19 @@ def measured(step: float = 0.010, token: float = 0.0001, chunk: int = 512, facto
 
 
 def test_budget_is_the_stall_factor_times_a_step_in_tokens():
-    assert measured().budget(decoding=True) == 200  # 2 x 10 ms / 0.1 ms a token
-    assert measured(factor=0.5).budget(decoding=True) == 50
+    assert measured().budget(paced=True) == 200  # 2 x 10 ms / 0.1 ms a token
+    assert measured(factor=0.5).budget(paced=True) == 50
 
 
 def test_budget_stays_between_the_minimum_and_the_chunk_setting():
-    assert measured(token=0.01).budget(decoding=True) == MIN_CHUNK_TOKENS == 16  # 2 tokens' worth
-    assert measured(token=0.000001).budget(decoding=True) == 512
-    assert measured(token=0.000001, chunk=64).budget(decoding=True) == 64
+    assert measured(token=0.01).budget(paced=True) == MIN_CHUNK_TOKENS == 16  # 2 tokens' worth
+    assert measured(token=0.000001).budget(paced=True) == 512
+    assert measured(token=0.000001, chunk=64).budget(paced=True) == 64
 
 
 def test_nothing_decoding_takes_the_whole_chunk_setting():
-    assert measured(token=0.01).budget(decoding=False) == 512
-    assert PrefillPacer(300, 2.0).budget(decoding=False) == 300
+    assert measured(token=0.01).budget(paced=False) == 512
+    assert PrefillPacer(300, 2.0).budget(paced=False) == 300
 
 
 def test_only_a_long_prompt_among_as_many_decoding_rows_is_paced():
@@ -56,25 +56,25 @@ def test_only_a_long_prompt_among_as_many_decoding_rows_is_paced():
 
 
 def test_factor_zero_turns_pacing_off():
-    assert measured(token=0.01, factor=0).budget(decoding=True) == 512
-    assert PrefillPacer(512, 0).budget(decoding=True) == 512
+    assert measured(token=0.01, factor=0).budget(paced=True) == 512
+    assert PrefillPacer(512, 0).budget(paced=True) == 512
 
 
 def test_decoding_before_any_measurement_probes_with_the_minimum():
     """A media row can decode before any text prefill was measured: one small pass, then the estimate."""
     pacer = PrefillPacer(512, 2.0)
-    assert pacer.budget(decoding=True) == MIN_CHUNK_TOKENS
+    assert pacer.budget(paced=True) == MIN_CHUNK_TOKENS
     pacer.observe_step(0.010)
-    assert pacer.budget(decoding=True) == MIN_CHUNK_TOKENS
+    assert pacer.budget(paced=True) == MIN_CHUNK_TOKENS
     pacer.observe_prefill(MIN_CHUNK_TOKENS, MIN_CHUNK_TOKENS * 0.0001)
-    assert pacer.budget(decoding=True) == 2 * MIN_CHUNK_TOKENS  # the estimate allows 200: doubling first
+    assert pacer.budget(paced=True) == 2 * MIN_CHUNK_TOKENS  # the estimate allows 200: doubling first
 
 
 def test_a_dearer_prefill_is_followed_at_once_a_cheaper_one_gradually():
     pacer = measured()
     pacer.observe_prefill(100, 0.020)  # 0.2 ms a token: later chunks attend to more keys
     assert pacer.token_seconds == pytest.approx(0.0002)
-    assert pacer.budget(decoding=True) == 100
+    assert pacer.budget(paced=True) == 100
     pacer.observe_prefill(100, 0.010)  # back to 0.1 ms: half of the way
     assert pacer.token_seconds == pytest.approx(0.00015)
 
@@ -86,7 +86,7 @@ def test_paced_passes_grow_by_doubling_after_one_that_was_not_paced():
     pacer.observe_prefill(256, 0.0256, paced=False)  # 0.1 ms a token: the estimate allows 512
     sizes = []
     for _ in range(6):
-        sizes.append(pacer.budget(decoding=True))
+        sizes.append(pacer.budget(paced=True))
         pacer.observe_prefill(sizes[-1], sizes[-1] * 0.0001)
     assert sizes == [16, 32, 64, 128, 256, 512]
 
@@ -110,7 +110,7 @@ def simulate(prompt: int, step: float, fixed: float, per_token: float, per_key: 
     pacer.observe_step(step)
     passes, done = [], 0
     while done < prompt:
-        tokens = min(pacer.budget(decoding=True), prompt - done)
+        tokens = min(pacer.budget(paced=True), prompt - done)
         seconds = fixed + tokens * (per_token + per_key * (done + tokens / 2))
         pacer.observe_prefill(tokens, seconds)
         pacer.observe_step(step)

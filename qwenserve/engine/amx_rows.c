@@ -87,6 +87,22 @@ static inline void prefetch_block(const uint16_t *block) {
     for (int line = 0; line < 16; line++) _mm_prefetch((const char *)block + line * 64, _MM_HINT_T0);
 }
 
+// One step of 32 inputs: the activation rows at xk (row stride K) times four weight tiles, added to
+// accumulators 0-3 (tile numbers are immediates, so the four are written out).
+static inline __attribute__((always_inline)) void four_products(
+        const uint16_t *xk, int64_t K, const uint16_t *b0, const uint16_t *b1, const uint16_t *b2,
+        const uint16_t *b3) {
+    _tile_loadd(4, xk, K * 2);
+    _tile_loadd(5, b0, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b1, 64);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, b2, 64);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, b3, 64);
+    _tile_dpbf16ps(3, 4, 6);
+}
+
 // Four output blocks (b: their packed weights, one after the other) into outputs n..n+64 of rows m..m+rows.
 static void group_of_four(const uint16_t *b, const uint16_t *x, uint16_t *y, int64_t n, int64_t m,
                           int rows, int64_t N, int64_t K, const float *scales) {
@@ -94,15 +110,7 @@ static void group_of_four(const uint16_t *b, const uint16_t *x, uint16_t *y, int
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t kb = 0; kb < blocks_k; kb++, b += 512) {
         for (int t = 0; t < GROUP; t++) prefetch_block(b + t * stride + AHEAD * 512);
-        _tile_loadd(4, x + m * K + kb * 32, K * 2);
-        _tile_loadd(5, b, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, b + stride, 64);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(5, b + 2 * stride, 64);
-        _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, b + 3 * stride, 64);
-        _tile_dpbf16ps(3, 4, 6);
+        four_products(x + m * K + kb * 32, K, b, b + stride, b + 2 * stride, b + 3 * stride);
     }
     for (int t = 0; t < GROUP; t++) store(t, y, m, rows, n + t * 16, N, scales);
 }
@@ -168,15 +176,7 @@ static void int8_group_of_four(const int8_t *q, const uint16_t *x, uint16_t *y, 
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t kb = 0; kb < blocks_k; kb++, q += 512) {
         for (int t = 0; t < GROUP; t++) widen(q + t * stride, wide[t], 512);
-        _tile_loadd(4, x + kb * 32, K * 2);
-        _tile_loadd(5, wide[0], 64);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, wide[1], 64);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(5, wide[2], 64);
-        _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, wide[3], 64);
-        _tile_dpbf16ps(3, 4, 6);
+        four_products(x + kb * 32, K, wide[0], wide[1], wide[2], wide[3]);
     }
     for (int t = 0; t < GROUP; t++) store(t, y, 0, rows, n + t * 16, N, scales);
 }
@@ -184,13 +184,15 @@ static void int8_group_of_four(const int8_t *q, const uint16_t *x, uint16_t *y, 
 // Weight-only int8. Decode steps widen block by block (above); longer inputs (prefill) widen a whole
 // group of output blocks once into a buffer of the thread's and multiply every row block from it.
 // Both apply the same tile operations to each output, so a row's result does not depend on M.
-void amx_rows_int8(const int8_t *packed, const float *scales, const uint16_t *x, uint16_t *y, int64_t M,
-                   int64_t N, int64_t K, int threads) {
+// Returns 0, or -1 where a thread's buffer could not be allocated (y is then incomplete).
+int amx_rows_int8(const int8_t *packed, const float *scales, const uint16_t *x, uint16_t *y, int64_t M,
+                  int64_t N, int64_t K, int threads) {
     int64_t blocks_n = N / 16, stride = K / 32 * 512;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         int configured = -1;
-        uint16_t *wide = aligned_alloc(64, GROUP * stride * sizeof(uint16_t));
+        uint16_t *wide = NULL;  // only for prefill and a last partial group: decode steps do without
         #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < blocks_n; nb += GROUP) {
             int64_t count = blocks_n - nb < GROUP ? blocks_n - nb : GROUP;
@@ -199,12 +201,18 @@ void amx_rows_int8(const int8_t *packed, const float *scales, const uint16_t *x,
                 int8_group_of_four(packed + nb * stride, x, y, nb * 16, (int)M, N, K, scales);
                 continue;
             }
+            if (!wide && !(wide = aligned_alloc(64, GROUP * stride * sizeof(uint16_t)))) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             widen(packed + nb * stride, wide, count * stride);
             blocks(wide, x, y, nb, count, M, N, K, scales, &configured);
         }
         free(wide);
         if (configured >= 0) _tile_release();
     }
+    return failed ? -1 : 0;
 }
 
 // Rows `ids` of the weight, unpacked into out [count, K]: an embedding tied to a packed lm_head.

@@ -147,7 +147,7 @@ class InferenceLoop:
         decoding = sum(1 for row in batch.rows if row.decoding)
         longest = max(row.length + len(row.prefill) for row in waiting)
         paced = self.pacer.paces(decoding, len(waiting), longest)
-        budget = self.pacer.budget(decoding=paced)
+        budget = self.pacer.budget(paced=paced)
         group, width = [waiting[0]], min(len(waiting[0].prefill), budget)
         for row in waiting[1:]:
             wider = max(width, min(len(row.prefill), budget))

@@ -52,6 +52,7 @@ def library():
     lib.amx_pack.argtypes = pointers[:2] + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.amx_rows.argtypes = pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.amx_rows_int8.argtypes = pointers + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.amx_rows_int8.restype = ctypes.c_int
     lib.amx_gather.argtypes = pointers + [ctypes.c_int64] * 2
     return lib
 
@@ -101,7 +102,8 @@ def matmul(packed: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = 
     out = torch.empty(x.shape[0], packed.shape[0] * TILE_OUTPUTS, dtype=torch.bfloat16)
     shape = (x.shape[0], out.shape[1], x.shape[1], torch.get_num_threads())
     if packed.dtype == torch.int8:
-        library().amx_rows_int8(packed.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), *shape)
+        if library().amx_rows_int8(packed.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), *shape):
+            raise MemoryError("the int8 kernel could not allocate its widening buffer")
     else:
         library().amx_rows(packed.data_ptr(), x.data_ptr(), out.data_ptr(), *shape)
     return out

@@ -19,8 +19,8 @@ rate spreads over the tokens: measured on a large pass it underestimates a small
 share of the budget (a few percent for compute-bound prefill). The small pass then measures dearer,
 a rise taken at once, and the overrun shrinks pass by pass, each time by that same share.
 
-Nothing decoding: PREFILL_CHUNK_TOKENS (the prompt's first token as soon as possible; the pass is
-still measured). Decoding but a cost not measured yet (a media prompt decoding before any text
+Passes that are not paced (`paces`: nothing decoding, short prompts, a burst of arrivals) take
+PREFILL_CHUNK_TOKENS (the prompts' first tokens as soon as possible; the pass is still measured). Decoding but a cost not measured yet (a media prompt decoding before any text
 prefill or step): `MIN_CHUNK_TOKENS`, a cheap probe, then the measurement. PREFILL_STALL_FACTOR=0
 turns pacing off: chunks are always PREFILL_CHUNK_TOKENS."""
 
@@ -64,17 +64,16 @@ class PrefillPacer:
     def paces(self, decoding_rows: int, waiting_rows: int, longest_prompt: int) -> bool:
         """Whether the next pass is paced: only for a long prompt (longer than one PREFILL_CHUNK_TOKENS
         pass, counted whole, so that its last part is paced too) among at least as many decoding rows
-        as wait. A pass has a fixed cost
-        of its own (every weight read once: a decode step's worth), so pacing short prompts into many
-        passes cost more than it saved: a burst of requests (16 sent together: the first one or two
-        decode before the rest are admitted) joined over many turns with the batch part-empty (16
-        streams at 0.6x raw `generate`, bench model fp32), and on the real-size model 8 streams took
-        7.6 s to their first tokens. A short prompt's pass is one short stall."""
+        as wait. A pass has a fixed cost of its own (every weight read once: a decode step's worth),
+        so pacing short prompts into many passes cost more than it saved: a burst of requests (16 sent
+        together: the first one or two decode before the rest are admitted) joined over many turns with
+        the batch part-empty (16 streams at 0.6x raw `generate`, bench model fp32), and on the real-size
+        model 8 streams took 7.6 s to their first tokens. A short prompt's pass is one short stall."""
         return decoding_rows > 0 and decoding_rows >= waiting_rows and longest_prompt > self.chunk_tokens
 
-    def budget(self, decoding: bool) -> int:
-        """Tokens (rows x padded width) the next prefill pass may take."""
-        if not decoding or self.stall_factor == 0:
+    def budget(self, paced: bool) -> int:
+        """Tokens (rows x padded width) the next prefill pass may take (`paced`: as `paces` said)."""
+        if not paced or self.stall_factor == 0:
             return self.chunk_tokens
         if self.step_seconds is None or self.token_seconds is None:
             return min(MIN_CHUNK_TOKENS, self.chunk_tokens)
