@@ -1,10 +1,9 @@
 """Prefill chunks sized by time while streams decode (PREFILL_STALL_FACTOR): the pacer's arithmetic,
-the setting's bounds, and a long prompt arriving beside a running stream on a real engine. Timings
-are only ever compared with timings of the same run, never with absolute numbers."""
+the setting's bounds, and a long prompt arriving beside a running stream on a real engine (the order
+of its passes and steps, never their timings: those are `make bench`'s)."""
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 
@@ -166,29 +165,38 @@ def wide_endless_ckpt(ckpt_dir):
 
 @pytest.fixture
 def paced_server(wide_endless_ckpt, monkeypatch):
-    """An in-process engine whose prefill passes are recorded: (time, rows x padded width)."""
-    passes: list[tuple[float, int]] = []
-    real_prefill = Engine._prefill_logits
+    """An in-process engine whose loop turns are recorded in order: ("pass", time, rows x padded
+    width) for each prefill pass, ("step", time, decoding rows) for each decode step."""
+    turns: list[tuple[str, float, int]] = []
+    real_prefill, real_step = Engine._prefill_logits, Engine._step
 
     def prefill(self, rows, width):
         logits = real_prefill(self, rows, width)
-        passes.append((time.monotonic(), len(rows) * width))
+        turns.append(("pass", time.monotonic(), len(rows) * width))
         return logits
 
+    def step(self, batch):
+        decoding = len(batch.decoding())
+        real_step(self, batch)
+        if decoding:
+            turns.append(("step", time.monotonic(), decoding))
+
     monkeypatch.setattr(Engine, "_prefill_logits", prefill)
+    monkeypatch.setattr(Engine, "_step", step)
     # Without pacing the prompt would go in three 512-token passes, each stalling the stream.
     settings = Settings(model_repo_id=str(wide_endless_ckpt), device_map="cpu", prefill_chunk_tokens=512,
                         kv_cache_tokens=4096, max_concurrent_requests=4, _env_file=None)
     server = InProcessServer(create_app(settings, Engine(settings)))
-    yield server, passes
+    yield server, turns
     server.stop()
 
 
 def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(paced_server):
     """A stream decodes; a ~1,500-token prompt arrives. Its prefill is cut into small passes (the
-    pacer's budget, not PREFILL_CHUNK_TOKENS), and the stream's gaps meanwhile stay a few of its own
-    gaps before (the factor 2: about 3), where one whole-prompt pass would stall it ~75 steps."""
-    server, passes = paced_server
+    pacer's budget, not PREFILL_CHUNK_TOKENS), each followed by a decode step of the stream, whose
+    client gets its tokens meanwhile. How long those passes stall it is `make bench`'s to measure
+    (timed assertions fail on a shared machine); the pacer's arithmetic is tested above."""
+    server, turns = paced_server
     runner = RunningStream(server.url, "pacing-runner", max_tokens=2000, ready_after=60)
     try:
         assert runner.start()
@@ -199,18 +207,12 @@ def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(pac
     finally:
         runner.stop()
     assert reply["usage"]["prompt_tokens"] > 1400
-    chunks = [tokens for at, tokens in passes if sent < at < answered]
+    during = [(kind, size) for kind, at, size in turns if sent < at < answered]
+    chunks = [size for kind, size in during if kind == "pass"]
     assert sum(chunks) >= reply["usage"]["prompt_tokens"] and len(chunks) >= 6, chunks
-    assert statistics.median(chunks) <= 256, chunks  # against one 1,500-token pass without pacing
-    gaps = list(itertools.pairwise(runner.arrivals))
-    before = [end - start for start, end in gaps[10:] if end < sent]  # past the runner's first tokens
-    first_pass = min(at for at, _ in passes if sent < at < answered)
-    # overlapping its passes (before the first one, the request is read, templated and tokenized: not
-    # the pacing's doing)
-    during = [end - start for start, end in gaps if end > first_pass and start < answered]
-    assert len(before) >= 30 and len(during) >= len(chunks) - 2
-    # Without pacing a 512-token pass is ~25 x a step here; paced, gaps are ~3-8 x (a 16-token pass
-    # costs more than this small model's step). One outlier (the machine is shared) is allowed for.
-    typical, worst = statistics.quantiles(during, n=10)[-1], max(during)
-    assert typical <= 12 * statistics.median(before) and worst <= 40 * statistics.median(before), (
-        typical, worst, statistics.median(before), chunks)
+    assert statistics.median(chunks) <= 256, chunks  # against three 512-token passes without pacing
+    kinds = "".join("p" if kind == "pass" else "s" for kind, _ in during)
+    assert "pp" not in kinds.strip("s"), kinds  # a step of the stream between every two passes
+    first_pass = min(at for kind, at, _ in turns if kind == "pass" and sent < at < answered)
+    arrived = [at for at in runner.arrivals if first_pass < at < answered]
+    assert len(arrived) >= len(chunks) - 2, (len(arrived), len(chunks))
