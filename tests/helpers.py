@@ -167,21 +167,25 @@ class InProcessServer:
 
 
 class RunningStream:
-    """A greedy stream read in a thread, recording when each chunk arrives (for pacing tests); `start`
-    returns once `ready_after` chunks came, `stop` cancels the session and joins the reader."""
+    """A greedy stream read in a thread, recording each chunk and when it arrives (for pacing tests);
+    `start` returns once `ready_after` chunks came, `stop` cancels the session and joins the reader,
+    `finish` lets it end by itself."""
 
-    def __init__(self, url: str, session_id: str, max_tokens: int, ready_after: int):
+    def __init__(self, url: str, session_id: str, max_tokens: int, ready_after: int, content: str = "hi"):
         self.url, self.session_id, self.max_tokens, self.ready_after = url, session_id, max_tokens, ready_after
+        self.content = content
         self.arrivals: list[float] = []
+        self.data: list[str] = []
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read)
 
     def _read(self) -> None:
-        body = chat_body(session_id=self.session_id, stream=True, max_tokens=self.max_tokens, temperature=0)
+        body = chat_body(self.content, session_id=self.session_id, stream=True, max_tokens=self.max_tokens, temperature=0)
         with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data:"):
                     self.arrivals.append(time.monotonic())
+                    self.data.append(line[5:].strip())
                     if len(self.arrivals) == self.ready_after:
                         self._ready.set()
 
@@ -192,3 +196,9 @@ class RunningStream:
     def stop(self) -> None:
         httpx.post(f"{self.url}/v1/cancel/{self.session_id}")
         self._reader.join(60)
+
+    def finish(self) -> str:
+        """The whole reply's content, once the stream ended by itself."""
+        self._reader.join(120)
+        chunks = [json.loads(data) for data in self.data if data != "[DONE]"]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))

@@ -165,38 +165,36 @@ def wide_endless_ckpt(ckpt_dir):
 
 @pytest.fixture
 def paced_server(wide_endless_ckpt, monkeypatch):
-    """An in-process engine whose loop turns are recorded in order: ("pass", time, rows x padded
-    width) for each prefill pass, ("step", time, decoding rows) for each decode step."""
-    turns: list[tuple[str, float, int]] = []
-    real_prefill, real_step = Engine._prefill_logits, Engine._step
+    """An in-process engine whose prefill chunks are recorded in order: (time, rows x padded width,
+    decode rows in the same pass: 0 for a pass of its own)."""
+    chunks: list[tuple[float, int, int]] = []
+    real_prefill, real_fold = Engine._prefill_logits, Engine._fold
 
-    def prefill(self, rows, width):
-        logits = real_prefill(self, rows, width)
-        turns.append(("pass", time.monotonic(), len(rows) * width))
+    def prefill(self, group, width):
+        logits = real_prefill(self, group, width)
+        chunks.append((time.monotonic(), len(group) * width, 0))
         return logits
 
-    def step(self, batch):
-        decoding = len(batch.decoding())
-        real_step(self, batch)
-        if decoding:
-            turns.append(("step", time.monotonic(), decoding))
+    def fold(self, batch, rows, group, width, paced):
+        real_fold(self, batch, rows, group, width, paced)
+        chunks.append((time.monotonic(), len(group) * width, len(rows)))
 
     monkeypatch.setattr(Engine, "_prefill_logits", prefill)
-    monkeypatch.setattr(Engine, "_step", step)
+    monkeypatch.setattr(Engine, "_fold", fold)
     # Without pacing the prompt would go in three 512-token passes, each stalling the stream.
     settings = Settings(model_repo_id=str(wide_endless_ckpt), device_map="cpu", prefill_chunk_tokens=512,
                         kv_cache_tokens=4096, max_concurrent_requests=4, _env_file=None)
     server = InProcessServer(create_app(settings, Engine(settings)))
-    yield server, turns
+    yield server, chunks
     server.stop()
 
 
-def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(paced_server):
-    """A stream decodes; a ~1,500-token prompt arrives. Its prefill is cut into small passes (the
-    pacer's budget, not PREFILL_CHUNK_TOKENS), each followed by a decode step of the stream, whose
-    client gets its tokens meanwhile. How long those passes stall it is `make bench`'s to measure
-    (timed assertions fail on a shared machine); the pacer's arithmetic is tested above."""
-    server, turns = paced_server
+def test_a_long_prompt_arriving_is_cut_by_time_and_rides_along_the_streams_steps(paced_server):
+    """A stream decodes; a ~1,500-token prompt arrives. Its prefill is cut into small chunks (the
+    pacer's budget, not PREFILL_CHUNK_TOKENS), each folded into a decode step of the stream, whose
+    client gets its tokens meanwhile. How long those passes take is `make bench`'s to measure (timed
+    assertions fail on a shared machine); the pacer's arithmetic is tested above."""
+    server, recorded = paced_server
     runner = RunningStream(server.url, "pacing-runner", max_tokens=2000, ready_after=60)
     try:
         assert runner.start()
@@ -207,12 +205,10 @@ def test_a_long_prompt_arriving_is_cut_by_time_and_the_stream_keeps_its_pace(pac
     finally:
         runner.stop()
     assert reply["usage"]["prompt_tokens"] > 1400
-    during = [(kind, size) for kind, at, size in turns if sent < at < answered]
-    chunks = [size for kind, size in during if kind == "pass"]
+    during = [(at, size, rows) for at, size, rows in recorded if sent < at < answered]
+    chunks = [size for _, size, _ in during]
     assert sum(chunks) >= reply["usage"]["prompt_tokens"] and len(chunks) >= 6, chunks
     assert statistics.median(chunks) <= 256, chunks  # against three 512-token passes without pacing
-    kinds = "".join("p" if kind == "pass" else "s" for kind, _ in during)
-    assert "pp" not in kinds.strip("s"), kinds  # a step of the stream between every two passes
-    first_pass = min(at for kind, at, _ in turns if kind == "pass" and sent < at < answered)
-    arrived = [at for at in runner.arrivals if first_pass < at < answered]
+    assert all(rows == 1 for _, _, rows in during), during  # each with the stream's step
+    arrived = [at for at in runner.arrivals if during[0][0] < at < answered]
     assert len(arrived) >= len(chunks) - 2, (len(arrived), len(chunks))

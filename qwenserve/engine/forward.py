@@ -8,11 +8,44 @@ text model's rotary embedding, given that position, is exactly what Transformers
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .cache import SlotCache
+
+
+@dataclass
+class Part:
+    """Rows of a pass that attend together: `queries` consecutive tokens each, from the pass's token
+    `first` on, against cache rows `rows` up to `span` (`mask`: [count, 1, queries, span])."""
+    count: int
+    queries: int
+    rows: slice | torch.Tensor
+    span: int
+    mask: torch.Tensor
+    first: int = 0
+
+
+@dataclass
+class Pass:
+    """A forward pass as flat tokens: ids, rope positions, the slot and position each writes its key and
+    value to, the parts that attend, and the tokens whose logits are returned (`picks`)."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    writes: torch.Tensor
+    parts: list[Part]
+    picks: torch.Tensor
+
+    def followed_by(self, other: Pass) -> Pass:
+        """One pass with this one's tokens first, then the other's."""
+        shift = self.ids.shape[0]
+        return Pass(ids=torch.cat([self.ids, other.ids]), positions=torch.cat([self.positions, other.positions]),
+                    slots=torch.cat([self.slots, other.slots]), writes=torch.cat([self.writes, other.writes]),
+                    parts=self.parts + [replace(part, first=part.first + shift) for part in other.parts],
+                    picks=torch.cat([self.picks, other.picks + shift]))
 
 
 class TextDecoder:
@@ -24,28 +57,41 @@ class TextDecoder:
         self.apply_rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self.decode_step = self.decode  # replaced by the compiled step when COMPILE is on
 
+    @property
+    def folds(self) -> bool:
+        """Whether a prefill chunk rides along a decode step (`decode_and_prefill`): not when the step
+        is compiled, whose graphs are for decode shapes alone."""
+        return self.decode_step == self.decode
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                span: int) -> torch.Tensor:
         """One token for each of the first B slots (B = len(tokens)): row r's token goes to position
         lengths[r] of slot r and attends to positions 0..lengths[r]. Returns fp32 logits [B, vocab]."""
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        hidden = self.embed(tokens[:, None])
-        cos, sin = self.rotary(hidden, positions[:, None])
-        columns = torch.arange(span, device=tokens.device)
-        mask = (columns[None, :] <= lengths[:, None])[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            keys, values = self.cache.keys[i], self.cache.values[i]
-            q, k, v = self._project(layer, hidden, cos, sin)
-            keys[rows, :, lengths] = k[:, :, 0]
-            values[rows, :, lengths] = v[:, :, 0]
-            out = self._attend(layer, q, keys[: len(rows), :, :span], values[: len(rows), :, :span], mask)
-            hidden = self._finish(layer, hidden, out)
-        return self._logits(hidden[:, -1])
+        return self._run(self._decode_pass(tokens, positions, lengths, span))
 
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """The next chunk of each row's prompt into its slot, after the `starts[r]` tokens already
         there (rows right-padded to the longest chunk; padding writes go to the sink). Returns fp32
         logits [B, vocab] at each row's last chunk token."""
+        return self._run(self._prefill_pass(slots, chunks, starts))
+
+    def decode_and_prefill(self, step: tuple, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step (`decode`'s arguments) and a prefill chunk (`prefill`'s) in one pass: every
+        weight is read once for both, so the chunk costs the running rows only its own tokens' work
+        instead of a second pass. Each row's result is that of the separate calls (the projections are
+        per token; each part attends on its own). Returns (decode logits, prefill logits)."""
+        decoding, prefilling = self._decode_pass(*step), self._prefill_pass(*chunk)
+        logits = self._run(decoding.followed_by(prefilling))
+        return logits[: decoding.picks.shape[0]], logits[decoding.picks.shape[0]:]
+
+    def _decode_pass(self, tokens, positions, lengths, span) -> Pass:
+        device = tokens.device
+        mask = (torch.arange(span, device=device)[None, :] <= lengths[:, None])[:, None, None, :]
+        rows = torch.arange(tokens.shape[0], device=device)
+        part = Part(count=tokens.shape[0], queries=1, rows=slice(0, tokens.shape[0]), span=span, mask=mask)
+        return Pass(ids=tokens, positions=positions, slots=rows, writes=lengths, parts=[part], picks=rows)
+
+    def _prefill_pass(self, slots, chunks, starts) -> Pass:
         device = self.cache.keys[0].device
         width = max(len(chunk) for chunk in chunks)
         ids = torch.tensor([chunk + [0] * (width - len(chunk)) for chunk in chunks], device=device)
@@ -57,18 +103,23 @@ class TextDecoder:
         span = int((start + lengths).max())
         mask = (torch.arange(span, device=device)[None, None, :] <= positions[:, :, None])[:, None]
         slot_index = torch.tensor(slots, device=device)
-        rows = _slot_rows(slots, slot_index)
-        hidden = self.embed(ids)
-        cos, sin = self.rotary(hidden, positions)
+        part = Part(count=len(chunks), queries=width, rows=_slot_rows(slots, slot_index), span=span, mask=mask)
+        picks = torch.arange(len(chunks), device=device) * width + lengths - 1
+        return Pass(ids=ids.view(-1), positions=positions.view(-1), writes=writes.view(-1),
+                    slots=slot_index.repeat_interleave(width), parts=[part], picks=picks)
+
+    def _run(self, plan: Pass) -> torch.Tensor:
+        """Every token of the pass as one flat batch through the projections; attention per part."""
+        hidden = self.embed(plan.ids[None])
+        cos, sin = self.rotary(hidden, plan.positions[None])
         for i, layer in enumerate(self.layers):
             keys, values = self.cache.keys[i], self.cache.values[i]
-            q, k, v = self._project(layer, hidden, cos, sin)
-            keys[slot_index[:, None], :, writes] = k.transpose(1, 2)
-            values[slot_index[:, None], :, writes] = v.transpose(1, 2)
-            out = self._attend(layer, q, keys[rows, :, :span], values[rows, :, :span], mask)
-            hidden = self._finish(layer, hidden, out)
-        last = hidden[torch.arange(len(chunks), device=device), lengths - 1]
-        return self._logits(last)
+            q, k, v = self._project(layer, hidden, cos, sin)  # [1, heads, tokens, head_dim]
+            keys[plan.slots, :, plan.writes] = k[0].transpose(0, 1)
+            values[plan.slots, :, plan.writes] = v[0].transpose(0, 1)
+            outs = [self._attend(layer, part, q, keys, values) for part in plan.parts]
+            hidden = self._finish(layer, hidden, (outs[0] if len(outs) == 1 else torch.cat(outs))[None])
+        return self._logits(hidden[0, plan.picks])
 
     def _project(self, layer, hidden, cos, sin):
         attn = layer.self_attn
@@ -82,14 +133,18 @@ class TextDecoder:
         return q, k, v
 
     @staticmethod
-    def _attend(layer, q, keys, values, mask):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.self_attn.scaling,
-                                              enable_gqa=True)
+    def _attend(layer, part: Part, q, keys, values) -> torch.Tensor:
+        """One part's queries (a slice of the pass's tokens) against its rows' cache: [tokens, heads x dim]."""
+        heads, dim = q.shape[1], q.shape[3]
+        queries = q[0, :, part.first:part.first + part.count * part.queries]
+        queries = queries.reshape(heads, part.count, part.queries, dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(queries, keys[part.rows, :, :part.span], values[part.rows, :, :part.span],
+                                             attn_mask=part.mask, scale=layer.self_attn.scaling, enable_gqa=True)
+        return out.transpose(1, 2).reshape(part.count * part.queries, heads * dim)
 
     @staticmethod
     def _finish(layer, hidden, attended):
-        out = attended.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
-        hidden = hidden + layer.self_attn.o_proj(out)
+        hidden = hidden + layer.self_attn.o_proj(attended)
         gate, up = layer.gate_up(layer.post_attention_layernorm(hidden))  # kernels.Fused
         return hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 

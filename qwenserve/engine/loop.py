@@ -1,9 +1,10 @@
 """The inference loop, run by one thread that owns the model. Each turn: admit queued jobs into free
-slots of the KV cache, prefill one chunk of waiting prompts (so that a long prompt loads in chunks
-between decode steps instead of stalling every stream; while rows decode, the chunk is sized by time,
-see `pacing.py`), then one decode step for every decoding row, each sampled with its own parameters.
-A failure is contained: a failing prefill group is retried row by row, and a row whose sampling
-fails is failed alone."""
+slots of the KV cache, then one chunk of waiting prompts and one decode step for every decoding row,
+each sampled with its own parameters. While rows decode, the chunk rides along their step in one pass
+(`TextDecoder.decode_and_prefill`: every weight read once) and is sized by time (`pacing.py`), so a
+long prompt loads in chunks instead of stalling every stream. A failure is contained: a failing
+folded pass runs its step and chunk apart, a failing prefill group is retried row by row, and a row
+whose sampling fails is failed alone."""
 
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class InferenceLoop:
         while not self._stopping.is_set():
             try:
                 self._admit(batch)
-                self._prefill_chunk(batch)
-                self._step(batch)
+                self._turn(batch)
                 batch.drop_done()
                 self.running_count = len(batch.rows)
             except Exception as exc:
@@ -137,13 +137,25 @@ class InferenceLoop:
                 self._finish(row, "cancelled")
         return [row for row in rows if not row.done]
 
+    def _turn(self, batch: Batch) -> None:
+        """One chunk of waiting prompts and one decode step: in one pass where the decoder folds them
+        (every weight read once for both), else the chunk's pass, then the step."""
+        chunk = self._next_chunk(batch)
+        rows = self._uncancelled(batch.decoding()) if chunk else []
+        if chunk and rows and self.decoder.folds:
+            self._fold(batch, rows, *chunk)
+            return
+        if chunk:
+            self._prefill_group(*chunk)
+        self._step(batch)
+
     # ---- chunked prefill -----------------------------------------------------------------
-    def _prefill_chunk(self, batch: Batch) -> None:
+    def _next_chunk(self, batch: Batch) -> tuple[list[Row], int, bool] | None:
         """Up to the pacer's budget (rows x padded width; PREFILL_CHUNK_TOKENS when no row decodes) of
-        waiting prompts in one pass; rows whose prompt is complete get their first token."""
+        waiting prompts for one pass: (rows, width, whether paced), or None when no prompt waits."""
         waiting = self._uncancelled(batch.prefilling())
         if not waiting:
-            return
+            return None
         decoding = sum(1 for row in batch.rows if row.decoding)
         longest = max(row.length + len(row.prefill) for row in waiting)
         paced = self.pacer.paces(decoding, len(waiting), longest)
@@ -154,7 +166,7 @@ class InferenceLoop:
             if (len(group) + 1) * wider > budget:
                 break
             group, width = group + [row], wider
-        self._prefill_group(group, width, paced)
+        return group, width, paced
 
     def _prefill_group(self, group: list[Row], width: int, paced: bool = False) -> None:
         try:
@@ -169,6 +181,10 @@ class InferenceLoop:
             log.exception("prefill failed")
             self._fail_row(group[0], exc)
             return
+        self._take_chunk(group, width, logits)
+
+    def _take_chunk(self, group: list[Row], width: int, logits: torch.Tensor) -> None:
+        """The chunk is in the rows' slots; a row whose prompt is complete gets its first token."""
         for i, row in enumerate(group):
             taken = row.prefill[:width]
             row.prefill, row.length = row.prefill[width:], row.length + len(taken)
@@ -177,8 +193,11 @@ class InferenceLoop:
 
     @torch.inference_mode()
     def _prefill_logits(self, group: list[Row], width: int) -> torch.Tensor:
-        return self.decoder.prefill([row.slot for row in group], [row.prefill[:width] for row in group],
-                                    [row.length for row in group])
+        return self.decoder.prefill(*self._chunk_inputs(group, width))
+
+    @staticmethod
+    def _chunk_inputs(group: list[Row], width: int) -> tuple[list[int], list[list[int]], list[int]]:
+        return [row.slot for row in group], [row.prefill[:width] for row in group], [row.length for row in group]
 
     # ---- decoding ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -187,13 +206,35 @@ class InferenceLoop:
         if not rows:
             return
         watch = Stopwatch()
-        tokens, positions, lengths, span = batch.step_inputs(rows, self.loaded.device)
-        logits = self.decoder.decode_step(tokens, positions, lengths, span)
+        logits = self.decoder.decode_step(*batch.step_inputs(rows, self.loaded.device))
+        self._take_step(rows, logits)
+        self.pacer.observe_step(watch.seconds())
+
+    def _take_step(self, rows: list[Row], logits: torch.Tensor) -> None:
         best = logits.argmax(dim=-1).tolist()  # every greedy row in one op
         for row in rows:
             row.length += 1
             self._sample_and_accept(row, logits[row.slot], best[row.slot])
-        self.pacer.observe_step(watch.seconds())
+
+    @torch.inference_mode()
+    def _fold(self, batch: Batch, rows: list[Row], group: list[Row], width: int, paced: bool) -> None:
+        """The decode step and the chunk in one pass. The chunk is charged what the pass took beyond a
+        step (the pacer's estimate from steps alone): that is what it adds to the running rows' gaps.
+        A failure runs them apart, where a failing chunk is retried row by row (the pass's cache writes
+        are rewritten the same)."""
+        watch = Stopwatch()
+        try:
+            decoded, prefilled = self.decoder.decode_and_prefill(batch.step_inputs(rows, self.loaded.device),
+                                                                 self._chunk_inputs(group, width))
+        except Exception:
+            log.exception("a decode step with a prefill chunk failed; running them apart")
+            self._prefill_group(group, width, paced)
+            self._step(batch)
+            return
+        self.pacer.observe_prefill(len(group) * width, max(watch.seconds(prefilled) - (self.pacer.step_seconds or 0), 0),
+                                   paced)
+        self._take_step(rows, decoded)
+        self._take_chunk(group, width, prefilled)
 
     def _sample_and_accept(self, row: Row, logits: torch.Tensor, best: int | None = None) -> None:
         """One row's sampling and text work: a failure here fails that row alone."""

@@ -14,10 +14,11 @@ measured online, on this machine and this model, as the loop runs:
   predicts the next one's within a few percent, and taking every rise at once keeps that lag to one
   chunk. A fall (a short prompt after a long one, noise ending) is trusted gradually.
 
-A pass also has a cost of its own (every weight is read once, whatever the chunk), which a per-token
-rate spreads over the tokens: measured on a large pass it underestimates a small one by that cost's
-share of the budget (a few percent for compute-bound prefill). The small pass then measures dearer,
-a rise taken at once, and the overrun shrinks pass by pass, each time by that same share.
+While rows decode, the chunk rides along their decode step in one pass, and it is charged what that
+pass took beyond the step estimate: its own tokens' work, what it adds to the running rows' gaps. A
+pass of its own (nothing decoding) also has a fixed cost (every weight read once, whatever the chunk),
+which its per-token rate spreads over its tokens; that rate overestimates a folded chunk's, and the
+estimate falls to the folded rate gradually.
 
 Passes that are not paced (`paces`: nothing decoding, short prompts, a burst of arrivals) take
 PREFILL_CHUNK_TOKENS (the prompts' first tokens as soon as possible; the pass is still measured). Decoding but a cost not measured yet (a media prompt decoding before any text
@@ -64,11 +65,11 @@ class PrefillPacer:
     def paces(self, decoding_rows: int, waiting_rows: int, longest_prompt: int) -> bool:
         """Whether the next pass is paced: only for a long prompt (longer than one PREFILL_CHUNK_TOKENS
         pass, counted whole, so that its last part is paced too) among at least as many decoding rows
-        as wait. A pass has a fixed cost of its own (every weight read once: a decode step's worth),
-        so pacing short prompts into many passes cost more than it saved: a burst of requests (16 sent
-        together: the first one or two decode before the rest are admitted) joined over many turns with
-        the batch part-empty (16 streams at 0.6x raw `generate`, bench model fp32), and on the real-size
-        model 8 streams took 7.6 s to their first tokens. A short prompt's pass is one short stall."""
+        as wait. Pacing short prompts or a burst of arrivals into many small chunks cost more than it
+        saved (measured when every chunk was a pass of its own): a burst (16 requests sent together:
+        the first one or two decode before the rest are admitted) joined over many turns with the batch
+        part-empty (16 streams at 0.6x raw `generate`, bench model fp32), and on the real-size model 8
+        streams took 7.6 s to their first tokens. A short prompt's pass is one short stall."""
         return decoding_rows > 0 and decoding_rows >= waiting_rows and longest_prompt > self.chunk_tokens
 
     def budget(self, paced: bool) -> int:

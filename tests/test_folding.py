@@ -1,0 +1,92 @@
+"""A prefill chunk folded into a decode step (one pass, every weight read once) gives each row what the
+two separate passes give: the same logits and the same keys and values in the cache, bitwise where the
+projections are batch-invariant (bf16 on the AMX kernel), to rounding with torch's fp32 kernels."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from qwenserve.app import create_app
+from qwenserve.config import Settings
+from qwenserve.engine import Engine, native
+
+from .helpers import InProcessServer, RunningStream, chat_body
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def decoder(request, random_text_ckpt):
+    engine = Engine(Settings(model_repo_id=str(random_text_ckpt), device_map="cpu", torch_dtype=request.param,
+                             kv_cache_tokens=64, max_concurrent_requests=3, _env_file=None))
+    engine.start()
+    assert engine.ready.wait(120), engine.error
+    yield engine.decoder
+    engine.stop()
+
+
+def exact(decoder) -> bool:
+    return decoder.cache.keys[0].dtype == torch.bfloat16 and native.library() is not None
+
+
+def same(decoder, mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    if exact(decoder):
+        return torch.equal(mine, theirs)
+    return torch.allclose(mine.float(), theirs.float(), atol=1e-4, rtol=1e-4)
+
+
+def cache_state(decoder) -> list[torch.Tensor]:
+    cache = decoder.cache
+    return [t[:, :, : cache.tokens].clone() for t in cache.keys + cache.values]  # the sink left out
+
+
+def restore(decoder, state: list[torch.Tensor]) -> None:
+    cache = decoder.cache
+    for buffer, saved in zip(cache.keys + cache.values, state):
+        buffer[:, :, : cache.tokens] = saved
+
+
+@torch.inference_mode()
+def test_folded_pass_equals_the_step_and_the_chunk_apart(decoder):
+    """Slots 0 and 2 decode (prompts of 5 and 9 tokens); slot 1, between them, has 4 of its 10 prompt
+    tokens in and takes the other 6: its decode position writes to the sink."""
+    decoder.prefill([0, 1, 2], [[11, 12, 13, 14, 15], [21, 22, 23, 24], list(range(31, 40))], [0, 0, 0])
+    step = (torch.tensor([16, 0, 40]), torch.tensor([5, 0, 9]), torch.tensor([5, decoder.cache.sink, 9]), 10)
+    chunk = ([1], [[25, 26, 27, 28, 29, 30]], [4])
+    before = cache_state(decoder)
+    stepped, chunked = decoder.decode(*step), decoder.prefill(*chunk)
+    apart = cache_state(decoder)
+    restore(decoder, before)
+    folded_step, folded_chunk = decoder.decode_and_prefill(step, chunk)
+    assert folded_step.shape == stepped.shape and folded_chunk.shape == chunked.shape
+    assert same(decoder, folded_step[[0, 2]], stepped[[0, 2]]) and same(decoder, folded_chunk, chunked)
+    assert all(same(decoder, mine, theirs) for mine, theirs in zip(cache_state(decoder), apart))
+    assert not torch.equal(folded_chunk, folded_step[[0]])  # the parts did not read each other's rows
+
+
+def greedy(server, content: str, max_tokens: int) -> str:
+    body = chat_body(content, max_tokens=max_tokens, temperature=0)
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]["content"]
+
+
+def test_a_failing_folded_pass_runs_the_step_and_the_chunk_apart(endless_ckpt, caplog):
+    """A prompt arriving while a stream decodes is folded into its steps; when that pass fails, the
+    step and the chunk run apart and both replies are what they are alone."""
+    app = create_app(Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None))
+    server = InProcessServer(app)
+    try:
+        alone = greedy(server, "first", 300), greedy(server, "second " * 40, 5)
+        decoder, attempts = app.state.services.engine.decoder, []
+
+        def failing(*args):
+            attempts.append(args)
+            raise RuntimeError("injected fault")
+
+        decoder.decode_and_prefill = failing
+        runner = RunningStream(server.url, "folding-runner", max_tokens=300, ready_after=3, content="first")
+        assert runner.start()
+        arrived = greedy(server, "second " * 40, 5)
+        assert (runner.finish(), arrived) == alone
+        assert attempts and any("running them apart" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
