@@ -5,8 +5,10 @@ every running stream's inter-token gap. The pass is therefore sized by time: it 
 PREFILL_STALL_FACTOR times a decode step, and a gap stays near (1 + factor) steps. Both costs are
 measured online, on this machine and this model, as the loop runs:
 
-- the decode step: an exponential average (weight `STEP_WEIGHT`) of the measured steps, so one slow
-  step (a noisy neighbour) moves the budget by half, and a batch that grows is followed within steps;
+- the decode step: the median of the last `STEPS_KEPT` steps, so a few slow steps (a noisy neighbour:
+  the development VM showed 25-67% of its time stolen by its host) do not move it, and a batch that
+  grows is followed within half as many steps. An exponential average sat 25% above the running
+  streams' median gap in one bench run (noise is all upward), and the gaps during a long prompt with it;
 - the prefill cost per token (rows x padded width, what a pass computes): it follows a rise at once
   and a fall by an exponential average (weight `FALL_WEIGHT`). A rise is what makes a gap too long:
   later chunks of a long prompt attend to more keys and cost more per token. Consecutive chunks differ
@@ -27,7 +29,9 @@ turns pacing off: chunks are always PREFILL_CHUNK_TOKENS."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -35,7 +39,7 @@ import torch
 # always progresses (a 4,000-token prompt in at most 250 turns). Below it, the per-pass cost (every
 # weight read once) dominates: smaller chunks would barely shorten a gap but would slow the prompt.
 MIN_CHUNK_TOKENS = 16
-STEP_WEIGHT = 0.5  # weight of a new decode step time in its average
+STEPS_KEPT = 9  # decode steps whose median is the step estimate
 FALL_WEIGHT = 0.5  # weight of a new per-token prefill cost when it is lower than the estimate
 
 
@@ -46,12 +50,13 @@ class PrefillPacer:
         self.chunk_tokens = chunk_tokens
         self.stall_factor = stall_factor
         self.step_seconds: float | None = None
+        self._steps: deque[float] = deque(maxlen=STEPS_KEPT)
         self.token_seconds: float | None = None
         self.paced_tokens: int | None = None  # the last paced pass (None: the last pass was not paced)
 
     def observe_step(self, seconds: float) -> None:
-        previous = self.step_seconds
-        self.step_seconds = seconds if previous is None else previous + STEP_WEIGHT * (seconds - previous)
+        self._steps.append(seconds)
+        self.step_seconds = statistics.median(self._steps)
 
     def observe_prefill(self, tokens: int, seconds: float, paced: bool = True) -> None:
         self.paced_tokens = tokens if paced else None
