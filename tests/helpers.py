@@ -168,8 +168,7 @@ class InProcessServer:
 
 class RunningStream:
     """A greedy stream read in a thread, recording each chunk and when it arrives (for pacing tests);
-    `start` returns once `ready_after` chunks came, `stop` cancels the session and joins the reader,
-    `finish` lets it end by itself."""
+    `start` returns once `ready_after` chunks came, `stop` cancels the session and joins the reader."""
 
     def __init__(self, url: str, session_id: str, max_tokens: int, ready_after: int, content: str = "hi"):
         self.url, self.session_id, self.max_tokens, self.ready_after = url, session_id, max_tokens, ready_after
@@ -197,8 +196,8 @@ class RunningStream:
         httpx.post(f"{self.url}/v1/cancel/{self.session_id}")
         self._reader.join(60)
 
-    def finish(self) -> str:
-        """The whole reply's content, once the stream ended by itself."""
-        self._reader.join(120)
+    def text(self) -> str:
+        """The reply's text read so far, reasoning and content (all of it after `stop`)."""
         chunks = [json.loads(data) for data in self.data if data != "[DONE]"]
-        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+        return "".join((d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
