@@ -4,6 +4,8 @@ projections are batch-invariant (bf16 on the AMX kernel), to rounding with torch
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import torch
@@ -13,6 +15,8 @@ from qwenserve.config import Settings
 from qwenserve.engine import Engine, native
 
 from .helpers import InProcessServer, RunningStream, chat_body
+
+POISON_SEED = 666
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -96,3 +100,38 @@ def test_a_failing_folded_pass_runs_the_step_and_the_chunk_apart(endless_ckpt, c
         assert attempts and any("running them apart" in r.getMessage() for r in caplog.records)
     finally:
         server.stop()
+
+
+def test_a_failing_chunk_folded_into_a_step_fails_its_request_alone(endless_ckpt, monkeypatch):
+    """A prompt whose chunk fails arrives while a stream decodes: the folded pass fails, the chunk is
+    retried alone and fails its request (500), and the stream goes on."""
+    real_inputs, real_fold, folds = Engine._chunk_inputs, Engine._fold, []
+
+    def chunk_inputs(rows, width):
+        if any(row.job.params.seed == POISON_SEED for row in rows):
+            raise RuntimeError("injected prefill fault")
+        return real_inputs(rows, width)
+
+    def fold(self, *args):
+        folds.append(args)
+        return real_fold(self, *args)
+
+    monkeypatch.setattr(Engine, "_chunk_inputs", staticmethod(chunk_inputs))
+    monkeypatch.setattr(Engine, "_fold", fold)
+    settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
+    server = InProcessServer(create_app(settings, Engine(settings)))
+    runner = RunningStream(server.url, "folding-survivor", max_tokens=1000, ready_after=3)
+    try:
+        assert runner.start()
+        failed = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                            json=chat_body(max_tokens=5, temperature=0, seed=POISON_SEED))
+        seen = len(runner.data)
+        deadline = time.monotonic() + 30
+        while len(runner.data) < seen + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+        server.stop()
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
+    assert folds and len(runner.data) >= seen + 5
+    assert "error" not in runner.data[-2]  # the stream ended by the cancel, not by the fault

@@ -248,14 +248,15 @@ def test_a_failing_row_fails_alone(poisoned_server):
 
 
 def test_a_failing_prefill_fails_alone(endless_ckpt, monkeypatch):
-    real_prefill = Engine._prefill_logits
+    """The fault is injected where every chunk's pass starts, alone or folded into a decode step."""
+    real_inputs = Engine._chunk_inputs
 
-    def prefill(self, rows, width):
+    def chunk_inputs(rows, width):
         if any(row.job.params.seed == POISON_SEED for row in rows):
             raise RuntimeError("injected prefill fault")
-        return real_prefill(self, rows, width)
+        return real_inputs(rows, width)
 
-    monkeypatch.setattr(Engine, "_prefill_logits", prefill)
+    monkeypatch.setattr(Engine, "_chunk_inputs", staticmethod(chunk_inputs))
     settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
     server = InProcessServer(create_app(settings, Engine(settings)))
     try:
