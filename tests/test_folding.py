@@ -13,6 +13,7 @@ import torch
 from qwenserve.app import create_app
 from qwenserve.config import Settings
 from qwenserve.engine import Engine, native
+from qwenserve.engine.pacing import PrefillPacer
 
 from .helpers import InProcessServer, RunningStream, chat_body
 
@@ -135,3 +136,23 @@ def test_a_failing_chunk_folded_into_a_step_fails_its_request_alone(endless_ckpt
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
     assert folds and len(runner.data) >= seen + 5
     assert "error" not in runner.data[-2]  # the stream ended by the cancel, not by the fault
+
+
+def test_no_fold_before_a_step_was_measured(endless_ckpt, monkeypatch):
+    """A folded chunk is charged the pass beyond the step estimate, and folding never measures a step:
+    with no step measured (here: never), chunks run as passes of their own and the prompt still loads."""
+    folds = []
+    real_fold = Engine._fold
+    monkeypatch.setattr(PrefillPacer, "observe_step", lambda self, seconds: None)
+    monkeypatch.setattr(Engine, "_fold", lambda self, *args: folds.append(args) or real_fold(self, *args))
+    settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
+    server = InProcessServer(create_app(settings, Engine(settings)))
+    runner = RunningStream(server.url, "unmeasured", max_tokens=1000, ready_after=3)
+    try:
+        assert runner.start()
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json=chat_body("tick " * 600, max_tokens=2, temperature=0)).json()
+    finally:
+        runner.stop()
+        server.stop()
+    assert reply["usage"]["completion_tokens"] == 2 and folds == []

@@ -142,7 +142,9 @@ class InferenceLoop:
         (every weight read once for both), else the chunk's pass, then the step."""
         chunk = self._next_chunk(batch)
         rows = self._uncancelled(batch.decoding()) if chunk else []
-        if chunk and rows and self.decoder.folds:
+        # A step of its own first when none was measured (a media row decoding before any step): a
+        # folded chunk is charged the pass beyond the step estimate, and folding never measures one.
+        if chunk and rows and self.decoder.folds and self.pacer.step_seconds is not None:
             self._fold(batch, rows, *chunk)
             return
         if chunk:
@@ -226,13 +228,13 @@ class InferenceLoop:
         try:
             decoded, prefilled = self.decoder.decode_and_prefill(batch.step_inputs(rows, self.loaded.device),
                                                                  self._chunk_inputs(group, width))
+            seconds = watch.seconds(prefilled)  # on a GPU, where the pass's errors surface
         except Exception:
             log.exception("a decode step with a prefill chunk failed; running them apart")
             self._prefill_group(group, width, paced)
             self._step(batch)
             return
-        self.pacer.observe_prefill(len(group) * width, max(watch.seconds(prefilled) - (self.pacer.step_seconds or 0), 0),
-                                   paced)
+        self.pacer.observe_prefill(len(group) * width, max(seconds - self.pacer.step_seconds, 0), paced)
         self._take_step(rows, decoded)
         self._take_chunk(group, width, prefilled)
 
