@@ -5,6 +5,7 @@ projections are batch-invariant (bf16 on the AMX kernel), to rounding with torch
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -103,36 +104,51 @@ def test_a_failing_folded_pass_runs_the_step_and_the_chunk_apart(endless_ckpt, c
         server.stop()
 
 
+def counted_folds(monkeypatch) -> list:
+    """The arguments of every folded pass the engine runs."""
+    folds, real_fold = [], Engine._fold
+
+    def fold(self, *args):
+        folds.append(args)
+        return real_fold(self, *args)
+
+    monkeypatch.setattr(Engine, "_fold", fold)
+    return folds
+
+
+@contextmanager
+def beside_a_stream(ckpt, session_id: str):
+    """An in-process server on `ckpt` with a greedy stream decoding; at the end the stream is cancelled
+    and the server stopped."""
+    settings = Settings(model_repo_id=str(ckpt), device_map="cpu", _env_file=None)
+    server = InProcessServer(create_app(settings, Engine(settings)))
+    runner = RunningStream(server.url, session_id, max_tokens=1000, ready_after=3)
+    try:
+        assert runner.start()
+        yield server, runner
+    finally:
+        runner.stop()
+        server.stop()
+
+
 def test_a_failing_chunk_folded_into_a_step_fails_its_request_alone(endless_ckpt, monkeypatch):
     """A prompt whose chunk fails arrives while a stream decodes: the folded pass fails, the chunk is
     retried alone and fails its request (500), and the stream goes on."""
-    real_inputs, real_fold, folds = Engine._chunk_inputs, Engine._fold, []
+    real_inputs, folds = Engine._chunk_inputs, counted_folds(monkeypatch)
 
     def chunk_inputs(rows, width):
         if any(row.job.params.seed == POISON_SEED for row in rows):
             raise RuntimeError("injected prefill fault")
         return real_inputs(rows, width)
 
-    def fold(self, *args):
-        folds.append(args)
-        return real_fold(self, *args)
-
     monkeypatch.setattr(Engine, "_chunk_inputs", staticmethod(chunk_inputs))
-    monkeypatch.setattr(Engine, "_fold", fold)
-    settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
-    server = InProcessServer(create_app(settings, Engine(settings)))
-    runner = RunningStream(server.url, "folding-survivor", max_tokens=1000, ready_after=3)
-    try:
-        assert runner.start()
+    with beside_a_stream(endless_ckpt, "folding-survivor") as (server, runner):
         failed = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                             json=chat_body(max_tokens=5, temperature=0, seed=POISON_SEED))
         seen = len(runner.data)
         deadline = time.monotonic() + 30
         while len(runner.data) < seen + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        runner.stop()
-        server.stop()
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
     assert folds and len(runner.data) >= seen + 5
     assert "error" not in runner.data[-2]  # the stream ended by the cancel, not by the fault
@@ -141,18 +157,9 @@ def test_a_failing_chunk_folded_into_a_step_fails_its_request_alone(endless_ckpt
 def test_no_fold_before_a_step_was_measured(endless_ckpt, monkeypatch):
     """A folded chunk is charged the pass beyond the step estimate, and folding never measures a step:
     with no step measured (here: never), chunks run as passes of their own and the prompt still loads."""
-    folds = []
-    real_fold = Engine._fold
+    folds = counted_folds(monkeypatch)
     monkeypatch.setattr(PrefillPacer, "observe_step", lambda self, seconds: None)
-    monkeypatch.setattr(Engine, "_fold", lambda self, *args: folds.append(args) or real_fold(self, *args))
-    settings = Settings(model_repo_id=str(endless_ckpt), device_map="cpu", _env_file=None)
-    server = InProcessServer(create_app(settings, Engine(settings)))
-    runner = RunningStream(server.url, "unmeasured", max_tokens=1000, ready_after=3)
-    try:
-        assert runner.start()
+    with beside_a_stream(endless_ckpt, "unmeasured") as (server, _):
         reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                            json=chat_body("tick " * 600, max_tokens=2, temperature=0)).json()
-    finally:
-        runner.stop()
-        server.stop()
     assert reply["usage"]["completion_tokens"] == 2 and folds == []
