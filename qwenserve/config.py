@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(16, ge=1)
     kv_cache_tokens: int = Field(4096, ge=64)  # per slot: prompt + max_tokens of one row
     prefill_chunk_tokens: int = Field(512, ge=16)
-    prefill_stall_factor: float = Field(1.0, ge=0.0)  # while rows decode, a chunk takes <= this x a decode step; 0: off
+    prefill_stall_factor: float = Field(1.0, ge=0.0)  # while rows decode, a chunk adds <= this x a decode step; 0: off
     compile: str = Field("auto", pattern="^(auto|0|1)$")
     quantization: str = Field("none", pattern="^(none|int8)$")
     max_queued_requests: int = Field(64, ge=0)

@@ -179,7 +179,8 @@ class RunningStream:
         self._reader = threading.Thread(target=self._read)
 
     def _read(self) -> None:
-        body = chat_body(self.content, session_id=self.session_id, stream=True, max_tokens=self.max_tokens, temperature=0)
+        body = chat_body(self.content, session_id=self.session_id, stream=True, max_tokens=self.max_tokens,
+                         temperature=0)
         with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data:"):

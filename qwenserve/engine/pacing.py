@@ -1,9 +1,9 @@
 """How many prompt tokens the next prefill pass may take (issue 10, point 4).
 
-While rows decode, a prefill pass sits between two of their decode steps, so its time is added to
-every running stream's inter-token gap. The pass is therefore sized by time: it may take at most
-PREFILL_STALL_FACTOR times a decode step, and a gap stays near (1 + factor) steps. Both costs are
-measured online, on this machine and this model, as the loop runs:
+While rows decode, a prefill chunk rides along their decode step (one pass, see `loop.py`), so its
+work is added to every running stream's inter-token gap. The chunk is therefore sized by time: it may
+add at most PREFILL_STALL_FACTOR times a decode step, and a gap stays near (1 + factor) steps. Both
+costs are measured online, on this machine and this model, as the loop runs:
 
 - the decode step: the median of the last `STEPS_KEPT` steps, so a few slow steps (a noisy neighbour:
   the development VM showed 25-67% of its time stolen by its host) do not move it, and a batch that
@@ -16,16 +16,16 @@ measured online, on this machine and this model, as the loop runs:
   predicts the next one's within a few percent, and taking every rise at once keeps that lag to one
   chunk. A fall (a short prompt after a long one, noise ending) is trusted gradually.
 
-While rows decode, the chunk rides along their decode step in one pass, and it is charged what that
-pass took beyond the step estimate: its own tokens' work, what it adds to the running rows' gaps. A
-pass of its own (nothing decoding) also has a fixed cost (every weight read once, whatever the chunk),
-which its per-token rate spreads over its tokens; that rate overestimates a folded chunk's, and the
-estimate falls to the folded rate gradually.
+A chunk riding along a step is charged what that pass took beyond the step estimate: its own tokens'
+work, what it adds to the running rows' gaps. A pass of its own (nothing decoding) also has a fixed
+cost (every weight read once, whatever the chunk), which its per-token rate spreads over its tokens;
+that rate overestimates a folded chunk's, and the estimate falls to the folded rate gradually.
 
 Passes that are not paced (`paces`: nothing decoding, short prompts, a burst of arrivals) take
-PREFILL_CHUNK_TOKENS (the prompts' first tokens as soon as possible; the pass is still measured). Decoding but a cost not measured yet (a media prompt decoding before any text
-prefill or step): `MIN_CHUNK_TOKENS`, a cheap probe, then the measurement. PREFILL_STALL_FACTOR=0
-turns pacing off: chunks are always PREFILL_CHUNK_TOKENS."""
+PREFILL_CHUNK_TOKENS (the prompts' first tokens as soon as possible; the pass is still measured).
+Decoding but a cost not measured yet (a media prompt decoding before any text prefill or step):
+`MIN_CHUNK_TOKENS`, a cheap probe, then the measurement. PREFILL_STALL_FACTOR=0 turns pacing off:
+chunks are always PREFILL_CHUNK_TOKENS."""
 
 from __future__ import annotations
 
