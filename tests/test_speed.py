@@ -181,7 +181,7 @@ def test_bf16_server_reports_its_kernels(server_factory, random_text_ckpt):
     server = server_factory(random_text_ckpt, TORCH_DTYPE="bfloat16", MAX_CONCURRENT_REQUESTS=2,
                             KV_CACHE_TOKENS=256)
     health = httpx.get(server.url + "/health").json()
-    assert health["kernels"] == ("amx" if native.library() is not None else "torch")
+    assert health["kernels"] == ("amx+layer-ops" if native.library() is not None else "torch")
 
 
 @pytest.mark.parametrize("setting", ["1"])

@@ -1,4 +1,5 @@
-"""Our AMX kernel for bf16 projections on the CPU (amx_rows.c), compiled on the machine that runs it.
+"""Our CPU kernels for bf16 decoding, compiled on the machine that runs them: the AMX projections
+(amx_rows.c) and the small operations of a layer (layer_ops.c, used by layer_ops.py).
 
 Compiled once with the system's C compiler into the user's cache folder (named by the source's hash
 and flags, so an edit recompiles), loaded with ctypes (which releases the GIL while it runs). Where the
@@ -21,7 +22,7 @@ import torch
 
 log = logging.getLogger("qwenserve.engine")
 
-SOURCE = Path(__file__).with_name("amx_rows.c")
+SOURCES = [Path(__file__).with_name("amx_rows.c"), Path(__file__).with_name("layer_ops.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
          "-fPIC"]
 TILE_OUTPUTS, TILE_INPUTS = 16, 32  # a packed weight's shape must be a multiple of these
@@ -54,11 +55,23 @@ def library():
     lib.amx_rows_int8.argtypes = pointers + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.amx_rows_int8.restype = ctypes.c_int
     lib.amx_gather.argtypes = pointers + [ctypes.c_int64] * 2
+    _declare_layer_ops(lib)
     return lib
 
 
+def _declare_layer_ops(lib) -> None:
+    pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.rms_norm.argtypes = [pointer] * 3 + [i64] * 2 + [f32]
+    lib.add_rms_norm.argtypes = [pointer] * 5 + [i64] * 2 + [f32]
+    lib.silu_mul.argtypes = [pointer] * 2 + [i64] * 2
+    lib.qk_rope_store.argtypes = [pointer, i64] + [i32] * 3 + [pointer] * 2 + [f32] + [pointer] * 7 + [i64]
+    lib.decode_attention.argtypes = [pointer] * 5 + [i64] + [i32] * 3 + [i64, f32, pointer]
+    lib.decode_attention.restype = ctypes.c_int
+
+
 def _compiled(compiler: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode())
+    digest = digest.hexdigest()[:16]
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenserve"
     target = folder / f"amx_rows-{digest}.so"
     if not target.exists():
@@ -67,7 +80,7 @@ def _compiled(compiler: str) -> Path:
         handle, partial = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(handle)
         try:
-            subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True, capture_output=True,
+            subprocess.run([compiler, *FLAGS, "-o", partial, *map(str, SOURCES)], check=True, capture_output=True,
                            timeout=120)
             os.replace(partial, target)
             for stale in folder.glob("amx_rows-*.so"):  # builds of older sources

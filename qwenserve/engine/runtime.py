@@ -9,9 +9,11 @@ import time
 import torch
 
 from ..config import Settings
+from . import layer_ops
 from .cache import SlotCache
 from .forward import TextDecoder
 from .kernels import in_use, prepare_linears
+from .layer_ops import LayerOpsDecoder
 from .loading import LoadedModel
 
 log = logging.getLogger("qwenserve.engine")
@@ -27,8 +29,12 @@ def build_decoder(loaded: LoadedModel, settings: Settings) -> TextDecoder:
     cache = SlotCache(config.num_hidden_layers, settings.max_concurrent_requests, settings.kv_cache_tokens,
                       config.num_key_value_heads, head_dim, text.norm.weight.dtype, loaded.device)
     log.info("KV cache: %d slots x %d tokens, %.1f MiB", cache.slots, cache.tokens, cache.bytes / 2 ** 20)
-    decoder = TextDecoder(model, loaded.is_multimodal, cache)
-    if wants_compile(settings.compile, loaded.device):
+    compiling = wants_compile(settings.compile, loaded.device)
+    # a compiled step traces torch ops; our library's calls would only break its graph
+    fused = not compiling and layer_ops.available(model, loaded.is_multimodal, cache)
+    decoder = (LayerOpsDecoder if fused else TextDecoder)(model, loaded.is_multimodal, cache)
+    loaded.kernels += "+layer-ops" if fused else ""
+    if compiling:
         compile_decode(decoder)
     return decoder
 
