@@ -17,19 +17,30 @@ from qwenserve.engine.layer_ops import LayerOpsDecoder, available
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no AMX (or no C compiler) on this machine")
 
 
+def bf16_model(path, quantization: str = "none"):
+    """The checkpoint in bf16 on our kernels, its norms given weights of their own (a fresh model's are
+    all ones, so a norm read from the wrong layer would go unseen)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(1)
+    for name, weight in model.named_parameters():
+        if name.endswith("norm.weight"):
+            weight.data = (0.5 + torch.rand(weight.shape, generator=generator)).to(weight.dtype)
+    prepare_linears(model.model, model, quantization)
+    return model
+
+
+def slot_cache(model) -> SlotCache:
+    config = model.config
+    return SlotCache(config.num_hidden_layers, 4, 128, config.num_key_value_heads, config.head_dim, torch.bfloat16,
+                     "cpu")
+
+
 @pytest.fixture(scope="module")
 def decoders(random_text_ckpt):
-    model = AutoModelForCausalLM.from_pretrained(random_text_ckpt, dtype=torch.bfloat16).eval()
-    prepare_linears(model.model, model, "none")
-    config = model.config
-
-    def cache():
-        return SlotCache(config.num_hidden_layers, 4, 128, config.num_key_value_heads, config.head_dim,
-                         torch.bfloat16, "cpu")
-
-    ours = LayerOpsDecoder(model, False, cache())
+    model = bf16_model(random_text_ckpt)
+    ours = LayerOpsDecoder(model, False, slot_cache(model))
     assert available(model, False, ours.cache)
-    return TextDecoder(model, False, cache()), ours
+    return TextDecoder(model, False, slot_cache(model)), ours
 
 
 def close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
@@ -60,6 +71,26 @@ def test_a_row_decodes_the_same_alone_or_in_a_batch(decoders):
     both = ours.decode(tokens, lengths, lengths, 6)
     alone = ours.decode(tokens[:1], lengths[:1], lengths[:1], 6)
     assert torch.equal(alone[0], both[0])
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+@torch.inference_mode()
+def test_a_decode_step_in_one_call_equals_the_calls_one_by_one(random_text_ckpt, quantization):
+    """`decode_layers` (the whole step without Python between layers) against the same calls made
+    layer by layer from Python: the same logits and cache, bitwise."""
+    model = bf16_model(random_text_ckpt, quantization)
+    whole, by_layer = LayerOpsDecoder(model, False, slot_cache(model)), LayerOpsDecoder(model, False, slot_cache(model))
+    assert whole.pointers is not None
+    by_layer.pointers = None
+    prompts, lengths = [[5, 9, 13, 17, 21, 25, 29], [30, 20, 10]], torch.tensor([7, 3])
+    tokens = by_layer.prefill([0, 1], prompts, [0, 0]).argmax(-1)
+    whole.prefill([0, 1], prompts, [0, 0])
+    for _ in range(6):
+        step = [decoder.decode(tokens, lengths, lengths, int(lengths.max()) + 1) for decoder in (whole, by_layer)]
+        assert torch.equal(step[0], step[1])
+        tokens, lengths = step[1].argmax(-1), lengths + 1
+    for mine, theirs in zip(whole.cache.keys + whole.cache.values, by_layer.cache.keys + by_layer.cache.values):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("dim", [32, 64, 128])

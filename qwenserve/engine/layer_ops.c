@@ -21,7 +21,8 @@ static inline __m512 load16(const uint16_t *p) {  // 16 bf16 -> 16 fp32 (exact)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-static inline void store16(uint16_t *p, __m512 v) {  // rounded to nearest even, as to_bf16
+// Rounded to nearest even as torch rounds; subnormals (below 1.2e-38) become zero, which torch keeps.
+static inline void store16(uint16_t *p, __m512 v) {
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
@@ -182,7 +183,7 @@ static void softmax_weighted(float *scores, int64_t span, const uint16_t *v, int
 
 // One query (a decode step's token) per row against positions 0..lengths[r] of its slot slots[r]:
 // q [rows, heads, dim], out [rows, heads * dim], dim a multiple of 32; softmax in fp32. The heads
-// sharing a kv head are done together, so its keys and values are read from memory once.
+// sharing a kv head are done together: its keys and values come from memory once, then from cache.
 // Returns 0, or -1 where a thread's buffers could not be allocated (out is then incomplete).
 int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *slots,
                      const int64_t *lengths, int64_t rows, int heads, int kv_heads, int dim, int64_t positions,
@@ -212,5 +213,65 @@ int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *va
         free(scores);
         free(acc);
     }
+    return failed ? -1 : 0;
+}
+
+// ---- a whole decode step ------------------------------------------------------------------------
+
+void amx_rows(const uint16_t *packed, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads);
+int amx_rows_int8(const int8_t *packed, const float *scales, const uint16_t *x, uint16_t *y, int64_t M, int64_t N,
+                  int64_t K, int threads);
+
+// One layer's weights (packed as amx_pack left them; `scales` NULL for bf16, per-output for int8),
+// norms and cache buffers: what decode_layers reads, laid out as layer_ops.py's LayerPointers.
+typedef struct {
+    const void *qkv, *o, *gate_up, *down;
+    const float *qkv_scales, *o_scales, *gate_up_scales, *down_scales;
+    const uint16_t *input_norm, *post_norm, *q_norm, *k_norm;
+    uint16_t *keys, *values;
+} layer_pointers;
+
+static int project(const void *packed, const float *scales, const uint16_t *x, uint16_t *y, int64_t M, int64_t N,
+                   int64_t K, int threads) {
+    if (scales) return amx_rows_int8(packed, scales, x, y, M, N, K, threads);
+    amx_rows(packed, x, y, M, N, K, threads);
+    return 0;
+}
+
+// A decode step (one token per row) through every layer, the same calls in the same order as
+// layer_ops.py's LayerOpsDecoder._run, without returning to Python between them. hidden [rows, dim]
+// (the embedded tokens) is overwritten; normed [rows, dim] receives the final norm of the last
+// layer's output (the lm_head's input). sizes: dim, heads, kv_heads, head_dim, intermediate.
+// Returns 0, or -1 where a buffer could not be allocated.
+int decode_layers(const layer_pointers *layers, int count, uint16_t *hidden, uint16_t *normed,
+                  const uint16_t *final_norm, int64_t rows, const int64_t *sizes, float eps, float qk_eps,
+                  const uint16_t *cos, const uint16_t *sin, const int64_t *slots, const int64_t *writes,
+                  int64_t positions, float scale, int threads) {
+    int64_t dim = sizes[0], heads = sizes[1], kv_heads = sizes[2], head_dim = sizes[3], inner = sizes[4];
+    int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, widest = qkv_width > 2 * inner ? qkv_width : 2 * inner;
+    uint16_t *wide = malloc(rows * widest * 2), *q = malloc(rows * heads * head_dim * 2);
+    uint16_t *mixed = malloc(rows * (inner > heads * head_dim ? inner : heads * head_dim) * 2);
+    uint16_t *delta = malloc(rows * dim * 2);
+    int failed = !wide || !q || !mixed || !delta;
+    if (!failed) rms_norm(hidden, layers[0].input_norm, normed, rows, dim, eps);
+    for (int i = 0; i < count && !failed; i++) {
+        const layer_pointers *l = layers + i;
+        failed |= project(l->qkv, l->qkv_scales, normed, wide, rows, qkv_width, dim, threads);
+        qk_rope_store(wide, rows, heads, kv_heads, head_dim, l->q_norm, l->k_norm, qk_eps, cos, sin, q, l->keys,
+                      l->values, slots, writes, positions);
+        failed |= decode_attention(q, l->keys, l->values, slots, writes, rows, heads, kv_heads, head_dim, positions,
+                                   scale, mixed);
+        failed |= project(l->o, l->o_scales, mixed, delta, rows, dim, heads * head_dim, threads);
+        add_rms_norm(hidden, delta, l->post_norm, hidden, normed, rows, dim, eps);
+        failed |= project(l->gate_up, l->gate_up_scales, normed, wide, rows, 2 * inner, dim, threads);
+        silu_mul(wide, mixed, rows, inner);
+        failed |= project(l->down, l->down_scales, mixed, delta, rows, dim, inner, threads);
+        add_rms_norm(hidden, delta, i + 1 < count ? layers[i + 1].input_norm : final_norm, hidden, normed, rows, dim,
+                     eps);
+    }
+    free(wide);
+    free(q);
+    free(mixed);
+    free(delta);
     return failed ? -1 : 0;
 }

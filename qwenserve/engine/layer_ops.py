@@ -1,6 +1,8 @@
 """The decoder's layers with their small operations as single calls of our C library (layer_ops.c):
 the norms (each fused with the residual add before it), q/k norms with rope and the cache write, one
-query's attention per decoding row, and the MLP's gate. The projections stay the model's modules.
+query's attention per decoding row, and the MLP's gate. The projections stay the model's modules. A
+decode pass makes all of these calls, every layer's, in one call (`decode_layers`) where every
+projection is on our kernel.
 
 Used for bf16 on a CPU where our library loaded (native.py); elsewhere `TextDecoder` runs the torch
 ops. Each token's values are those of Transformers' modules but for the order of a sum (CLAUDE.md,
@@ -8,10 +10,13 @@ ops. Each token's values are those of Transformers' modules but for the order of
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import native
 from .forward import Pass, TextDecoder
+from .kernels import PackedLinear
 
 
 def available(model, is_multimodal: bool, cache) -> bool:
@@ -31,10 +36,15 @@ class LayerOpsDecoder(TextDecoder):
         config = model.config.get_text_config()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
+        self.sizes = torch.tensor([config.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                                   config.intermediate_size], dtype=torch.int64)
+        self.pointers = _layer_pointers(self.layers, cache)  # None: a projection is not on our kernel
 
     def _run(self, plan: Pass) -> torch.Tensor:
         hidden = self.embed(plan.ids[None])[0].contiguous()
         cos, sin = (t[0].contiguous() for t in self.rotary(hidden[None], plan.positions[None]))
+        if self.pointers is not None and all(part.queries == 1 for part in plan.parts):
+            return self.owner.lm_head(self._decode_layers(hidden, cos, sin, plan)[plan.picks]).float()
         normed = rms_norm(hidden, self.layers[0].input_layernorm)
         for i, layer in enumerate(self.layers):
             keys, values = self.cache.keys[i], self.cache.values[i]
@@ -46,6 +56,20 @@ class LayerOpsDecoder(TextDecoder):
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             hidden, normed = add_rms_norm(hidden, layer.mlp.down_proj(gated), after)
         return self.owner.lm_head(normed[plan.picks]).float()
+
+    def _decode_layers(self, hidden, cos, sin, plan: Pass) -> torch.Tensor:
+        """A decode pass (one token per row) through every layer in one call of ours (`decode_layers`):
+        the same operations as `_run`, without Python between them. Returns the final norm's output."""
+        first = self.layers[0]
+        normed = torch.empty_like(hidden)
+        slots, writes = _int64(plan.slots), _int64(plan.writes)
+        if native.library().decode_layers(
+                self.pointers, len(self.layers), hidden.data_ptr(), normed.data_ptr(), self.norm.weight.data_ptr(),
+                hidden.shape[0], self.sizes.data_ptr(), first.input_layernorm.variance_epsilon,
+                first.self_attn.q_norm.variance_epsilon, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                writes.data_ptr(), self.cache.keys[0].shape[2], first.self_attn.scaling, torch.get_num_threads()):
+            raise MemoryError("the decode step could not allocate its buffers")
+        return normed
 
     def _store_keys(self, layer, normed, cos, sin, keys, values, plan: Pass) -> torch.Tensor:
         """q of every token [tokens, heads, head_dim]; k and v written to the cache."""
@@ -72,6 +96,28 @@ class LayerOpsDecoder(TextDecoder):
                 out.data_ptr()):
             raise MemoryError("decode attention could not allocate its buffers")
         return out
+
+
+class LayerPointers(ctypes.Structure):
+    """One layer as layer_ops.c's `layer_pointers` reads it."""
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "qkv", "o", "gate_up", "down", "qkv_scales", "o_scales", "gate_up_scales", "down_scales",
+        "input_norm", "post_norm", "q_norm", "k_norm", "keys", "values")]
+
+
+def _layer_pointers(layers, cache) -> ctypes.Array | None:
+    """Every layer's pointers for `decode_layers`, or None where a projection is not a bias-free one
+    on our kernel (decode passes then run `_run`'s calls one by one)."""
+    entries = []
+    for layer, keys, values in zip(layers, cache.keys, cache.values):
+        projections = [layer.qkv.projection, layer.self_attn.o_proj, layer.gate_up.projection, layer.mlp.down_proj]
+        if not all(isinstance(p, PackedLinear) and p.bias is None for p in projections):
+            return None
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm]
+        entries.append(LayerPointers(*[p.packed.data_ptr() for p in projections],
+                                     *[p.scales.data_ptr() if p.scales is not None else None for p in projections],
+                                     *[norm.weight.data_ptr() for norm in norms], keys.data_ptr(), values.data_ptr()))
+    return (LayerPointers * len(entries))(*entries)
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
