@@ -93,6 +93,23 @@ def test_a_decode_step_in_one_call_equals_the_calls_one_by_one(random_text_ckpt,
         assert torch.equal(mine, theirs)
 
 
+@torch.inference_mode()
+def test_a_slot_between_decoding_rows_changes_nothing(random_text_ckpt):
+    """Slot 1 holds no decoding row (its token writes to the sink and its output is dropped): the rows
+    in slots 0 and 2 get what the torch ops give, and the same in one call as call by call."""
+    model = bf16_model(random_text_ckpt)
+    decoders = [TextDecoder(model, False, slot_cache(model))] + [LayerOpsDecoder(model, False, slot_cache(model))
+                                                                  for _ in range(2)]
+    decoders[2].pointers = None
+    for decoder in decoders:
+        decoder.prefill([0, 2], [[5, 6, 7, 8, 9, 10], [12, 11, 10, 9]], [0, 0])
+    sink = decoders[0].cache.sink
+    tokens, lengths = torch.tensor([14, 0, 15]), torch.tensor([6, sink, 4])
+    torch_ops, whole, by_layer = [d.decode(tokens, lengths, lengths, 7)[[0, 2]] for d in decoders]
+    assert torch.equal(whole, by_layer)
+    assert close(whole, torch_ops)
+
+
 @pytest.mark.parametrize("dim", [32, 64, 128])
 def test_decode_attention_matches_sdpa(dim):
     torch.manual_seed(dim)

@@ -241,12 +241,13 @@ static int project(const void *packed, const float *scales, const uint16_t *x, u
 // A decode step (one token per row) through every layer, the same calls in the same order as
 // layer_ops.py's LayerOpsDecoder._run, without returning to Python between them. hidden [rows, dim]
 // (the embedded tokens) is overwritten; normed [rows, dim] receives the final norm of the last
-// layer's output (the lm_head's input). sizes: dim, heads, kv_heads, head_dim, intermediate.
+// layer's output (the lm_head's input). sizes: dim, heads, kv_heads, head_dim, intermediate. Row r
+// writes its key and value at writes[r] and attends to positions 0..lengths[r].
 // Returns 0, or -1 where a buffer could not be allocated.
 int decode_layers(const layer_pointers *layers, int count, uint16_t *hidden, uint16_t *normed,
                   const uint16_t *final_norm, int64_t rows, const int64_t *sizes, float eps, float qk_eps,
                   const uint16_t *cos, const uint16_t *sin, const int64_t *slots, const int64_t *writes,
-                  int64_t positions, float scale, int threads) {
+                  const int64_t *lengths, int64_t positions, float scale, int threads) {
     int64_t dim = sizes[0], heads = sizes[1], kv_heads = sizes[2], head_dim = sizes[3], inner = sizes[4];
     int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, widest = qkv_width > 2 * inner ? qkv_width : 2 * inner;
     uint16_t *wide = malloc(rows * widest * 2), *q = malloc(rows * heads * head_dim * 2);
@@ -259,7 +260,7 @@ int decode_layers(const layer_pointers *layers, int count, uint16_t *hidden, uin
         failed |= project(l->qkv, l->qkv_scales, normed, wide, rows, qkv_width, dim, threads);
         qk_rope_store(wide, rows, heads, kv_heads, head_dim, l->q_norm, l->k_norm, qk_eps, cos, sin, q, l->keys,
                       l->values, slots, writes, positions);
-        failed |= decode_attention(q, l->keys, l->values, slots, writes, rows, heads, kv_heads, head_dim, positions,
+        failed |= decode_attention(q, l->keys, l->values, slots, lengths, rows, heads, kv_heads, head_dim, positions,
                                    scale, mixed);
         failed |= project(l->o, l->o_scales, mixed, delta, rows, dim, heads * head_dim, threads);
         add_rms_norm(hidden, delta, l->post_norm, hidden, normed, rows, dim, eps);

@@ -63,24 +63,32 @@ class LayerOpsDecoder(TextDecoder):
         first = self.layers[0]
         normed = torch.empty_like(hidden)
         slots, writes = _int64(plan.slots), _int64(plan.writes)
+        lengths = self._attended(writes)
         if native.library().decode_layers(
                 self.pointers, len(self.layers), hidden.data_ptr(), normed.data_ptr(), self.norm.weight.data_ptr(),
                 hidden.shape[0], self.sizes.data_ptr(), first.input_layernorm.variance_epsilon,
                 first.self_attn.q_norm.variance_epsilon, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                writes.data_ptr(), self.cache.keys[0].shape[2], first.self_attn.scaling, torch.get_num_threads()):
+                writes.data_ptr(), lengths.data_ptr(), self.cache.keys[0].shape[2], first.self_attn.scaling,
+                torch.get_num_threads()):
             raise MemoryError("the decode step could not allocate its buffers")
         return normed
+
+    def _attended(self, writes: torch.Tensor) -> torch.Tensor:
+        """The last position each one-token row attends to: its write position, except a slot between
+        decoding rows (writing to the sink; its output is dropped), which attends to its first position
+        only: up to the sink would read the whole slot in every layer."""
+        return torch.where(writes == self.cache.sink, 0, writes).contiguous()
 
     def _store_keys(self, layer, normed, cos, sin, keys, values, plan: Pass) -> torch.Tensor:
         """q of every token [tokens, heads, head_dim]; k and v written to the cache."""
         attn = layer.self_attn
         qkv = layer.qkv.projection(normed).contiguous()
         q = torch.empty(qkv.shape[0], self.heads, self.head_dim, dtype=qkv.dtype)
+        slots, writes = _int64(plan.slots), _int64(plan.writes)  # held: C reads them after data_ptr()
         native.library().qk_rope_store(
             qkv.data_ptr(), qkv.shape[0], self.heads, self.kv_heads, self.head_dim, attn.q_norm.weight.data_ptr(),
             attn.k_norm.weight.data_ptr(), attn.q_norm.variance_epsilon, cos.data_ptr(), sin.data_ptr(),
-            q.data_ptr(), keys.data_ptr(), values.data_ptr(), _int64(plan.slots).data_ptr(),
-            _int64(plan.writes).data_ptr(), keys.shape[2])
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), writes.data_ptr(), keys.shape[2])
         return q
 
     def _attend_part(self, layer, part, q, keys, values, plan: Pass) -> torch.Tensor:
@@ -88,7 +96,7 @@ class LayerOpsDecoder(TextDecoder):
         if part.queries != 1:
             return self._attend(layer, part, q.transpose(0, 1)[None], keys, values)
         rows = slice(part.first, part.first + part.count)
-        slots, lengths = _int64(plan.slots[rows]), _int64(plan.writes[rows])
+        slots, lengths = _int64(plan.slots[rows]), self._attended(_int64(plan.writes[rows]))
         out = torch.empty(part.count, self.heads * self.head_dim, dtype=q.dtype)
         if native.library().decode_attention(
                 q[rows].data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), lengths.data_ptr(),

@@ -67,7 +67,7 @@ def _declare_layer_ops(lib) -> None:
     lib.qk_rope_store.argtypes = [pointer, i64] + [i32] * 3 + [pointer] * 2 + [f32] + [pointer] * 7 + [i64]
     lib.decode_attention.argtypes = [pointer] * 5 + [i64] + [i32] * 3 + [i64, f32, pointer]
     lib.decode_attention.restype = ctypes.c_int
-    lib.decode_layers.argtypes = ([pointer, i32] + [pointer] * 3 + [i64, pointer, f32, f32] + [pointer] * 4
+    lib.decode_layers.argtypes = ([pointer, i32] + [pointer] * 3 + [i64, pointer, f32, f32] + [pointer] * 5
                                   + [i64, f32, i32])
     lib.decode_layers.restype = ctypes.c_int
 
