@@ -43,13 +43,17 @@ class LayerOpsDecoder(TextDecoder):
     def _run(self, plan: Pass) -> torch.Tensor:
         hidden = self.embed(plan.ids[None])[0].contiguous()
         cos, sin = (t[0].contiguous() for t in self.rotary(hidden[None], plan.positions[None]))
+        # held for the whole pass: C reads them after data_ptr()
+        slots, writes = _int64(plan.slots), _int64(plan.writes)
+        lengths = self._attended(writes)
         if self.pointers is not None and all(part.queries == 1 for part in plan.parts):
-            return self.owner.lm_head(self._decode_layers(hidden, cos, sin, plan)[plan.picks]).float()
+            normed = self._decode_layers(hidden, cos, sin, slots, writes, lengths)
+            return self.owner.lm_head(normed[plan.picks]).float()
         normed = rms_norm(hidden, self.layers[0].input_layernorm)
         for i, layer in enumerate(self.layers):
             keys, values = self.cache.keys[i], self.cache.values[i]
-            q = self._store_keys(layer, normed, cos, sin, keys, values, plan)
-            outs = [self._attend_part(layer, part, q, keys, values, plan) for part in plan.parts]
+            q = self._store_keys(layer, normed, cos, sin, keys, values, slots, writes)
+            outs = [self._attend_part(layer, part, q, keys, values, slots, lengths) for part in plan.parts]
             attended = outs[0] if len(outs) == 1 else torch.cat(outs)
             hidden, normed = add_rms_norm(hidden, layer.self_attn.o_proj(attended), layer.post_attention_layernorm)
             gated = silu_mul(layer.gate_up.projection(normed))
@@ -57,13 +61,11 @@ class LayerOpsDecoder(TextDecoder):
             hidden, normed = add_rms_norm(hidden, layer.mlp.down_proj(gated), after)
         return self.owner.lm_head(normed[plan.picks]).float()
 
-    def _decode_layers(self, hidden, cos, sin, plan: Pass) -> torch.Tensor:
+    def _decode_layers(self, hidden, cos, sin, slots, writes, lengths) -> torch.Tensor:
         """A decode pass (one token per row) through every layer in one call of ours (`decode_layers`):
         the same operations as `_run`, without Python between them. Returns the final norm's output."""
         first = self.layers[0]
         normed = torch.empty_like(hidden)
-        slots, writes = _int64(plan.slots), _int64(plan.writes)
-        lengths = self._attended(writes)
         if native.library().decode_layers(
                 self.pointers, len(self.layers), hidden.data_ptr(), normed.data_ptr(), self.norm.weight.data_ptr(),
                 hidden.shape[0], self.sizes.data_ptr(), first.input_layernorm.variance_epsilon,
@@ -74,34 +76,33 @@ class LayerOpsDecoder(TextDecoder):
         return normed
 
     def _attended(self, writes: torch.Tensor) -> torch.Tensor:
-        """The last position each one-token row attends to: its write position, except a slot between
+        """The last position each one-token row attends to (rows of longer chunks: unused): its write
+        position, except a slot between
         decoding rows (writing to the sink; its output is dropped), which attends to its first position
         only: up to the sink would read the whole slot in every layer."""
         return torch.where(writes == self.cache.sink, 0, writes).contiguous()
 
-    def _store_keys(self, layer, normed, cos, sin, keys, values, plan: Pass) -> torch.Tensor:
+    def _store_keys(self, layer, normed, cos, sin, keys, values, slots, writes) -> torch.Tensor:
         """q of every token [tokens, heads, head_dim]; k and v written to the cache."""
         attn = layer.self_attn
         qkv = layer.qkv.projection(normed).contiguous()
         q = torch.empty(qkv.shape[0], self.heads, self.head_dim, dtype=qkv.dtype)
-        slots, writes = _int64(plan.slots), _int64(plan.writes)  # held: C reads them after data_ptr()
         native.library().qk_rope_store(
             qkv.data_ptr(), qkv.shape[0], self.heads, self.kv_heads, self.head_dim, attn.q_norm.weight.data_ptr(),
             attn.k_norm.weight.data_ptr(), attn.q_norm.variance_epsilon, cos.data_ptr(), sin.data_ptr(),
             q.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), writes.data_ptr(), keys.shape[2])
         return q
 
-    def _attend_part(self, layer, part, q, keys, values, plan: Pass) -> torch.Tensor:
+    def _attend_part(self, layer, part, q, keys, values, slots, lengths) -> torch.Tensor:
         """One token per row (a decode step): our attention; longer chunks: SDPA, as TextDecoder."""
         if part.queries != 1:
             return self._attend(layer, part, q.transpose(0, 1)[None], keys, values)
         rows = slice(part.first, part.first + part.count)
-        slots, lengths = _int64(plan.slots[rows]), self._attended(_int64(plan.writes[rows]))
         out = torch.empty(part.count, self.heads * self.head_dim, dtype=q.dtype)
         if native.library().decode_attention(
-                q[rows].data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), lengths.data_ptr(),
-                part.count, self.heads, self.kv_heads, self.head_dim, keys.shape[2], layer.self_attn.scaling,
-                out.data_ptr()):
+                q[rows].data_ptr(), keys.data_ptr(), values.data_ptr(), slots[rows].data_ptr(),
+                lengths[rows].data_ptr(), part.count, self.heads, self.kv_heads, self.head_dim, keys.shape[2],
+                layer.self_attn.scaling, out.data_ptr()):
             raise MemoryError("decode attention could not allocate its buffers")
         return out
 

@@ -13,7 +13,6 @@ from . import layer_ops
 from .cache import SlotCache
 from .forward import TextDecoder
 from .kernels import in_use, prepare_linears
-from .layer_ops import LayerOpsDecoder
 from .loading import LoadedModel
 
 log = logging.getLogger("qwenserve.engine")
@@ -32,7 +31,7 @@ def build_decoder(loaded: LoadedModel, settings: Settings) -> TextDecoder:
     compiling = wants_compile(settings.compile, loaded.device)
     # a compiled step traces torch ops; our library's calls would only break its graph
     fused = not compiling and layer_ops.available(model, loaded.is_multimodal, cache)
-    decoder = (LayerOpsDecoder if fused else TextDecoder)(model, loaded.is_multimodal, cache)
+    decoder = (layer_ops.LayerOpsDecoder if fused else TextDecoder)(model, loaded.is_multimodal, cache)
     loaded.kernels += "+layer-ops" if fused else ""
     if compiling:
         compile_decode(decoder)
